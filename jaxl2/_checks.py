@@ -1,0 +1,89 @@
+"""Validation of the scalar hyperparameters ``lam`` and ``m``.
+
+Values are checked where they are concrete. Under `jax.jit`, `jax.vmap` or
+`jax.grad` they are tracers whose values do not exist yet: then only their
+shape and dtype are checked here, and the value rules are registered with
+`jax.experimental.checkify.debug_check`, which is a no-op unless the caller
+wraps the function in `checkify.checkify` (then a bad value raises there).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import checkify
+
+__all__ = ["check_lam", "check_m", "check_real_scalar"]
+
+
+def _describe_value(value: Any) -> str:
+  if isinstance(value, (jax.Array, np.ndarray)):
+    return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
+  return f"{value!r} ({type(value).__name__})"
+
+
+def check_real_scalar(value: Any, name: str) -> Any:
+  """Checks that ``value`` is a real scalar; returns it as a NumPy/JAX scalar.
+
+  Raises:
+    TypeError: not a number, a bool, or a complex/non-numeric array.
+    ValueError: an array that is not 0-d.
+  """
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be a real number; got the bool {value!r}.")
+  if isinstance(value, numbers.Real):
+    return value
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    dtype = (
+      np.dtype(value.dtype) if not jax.dtypes.issubdtype(value.dtype, jax.dtypes.extended) else None
+    )
+    if dtype is None or not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+      raise TypeError(f"`{name}` must be a real number; got {_describe_value(value)}.")
+    if np.ndim(value) != 0:
+      raise ValueError(
+        f"`{name}` must be a scalar (0-d); got {_describe_value(value)}. "
+        "To try several values at once, `jax.vmap` over it."
+      )
+    return value
+  raise TypeError(f"`{name}` must be a real number; got {_describe_value(value)}.")
+
+
+def _concrete(value: Any) -> float | None:
+  if isinstance(value, jax.core.Tracer):
+    return None
+  return float(value)
+
+
+def check_lam(lam: Any, name: str = "lam") -> None:
+  """Checks λ: a real scalar, finite and ≥ 0 (values only where concrete)."""
+  check_real_scalar(lam, name)
+  value = _concrete(lam)
+  if value is None:
+    checkify.debug_check(
+      (lam >= 0) & (lam < np.inf), f"`{name}` must be a finite number >= 0; got {{}}.", lam
+    )
+    return
+  if not math.isfinite(value) or value < 0:
+    raise ValueError(f"`{name}` must be a finite number >= 0; got {value!r}.")
+
+
+def check_m(m: Any, name: str = "m") -> None:
+  """Checks m, the number of training inputs: a real scalar, finite and > 0."""
+  check_real_scalar(m, name)
+  value = _concrete(m)
+  if value is None:
+    checkify.debug_check(
+      (m > 0) & (m < np.inf),
+      f"`{name}` (the number of training inputs) must be a finite number > 0; got {{}}.",
+      m,
+    )
+    return
+  if not math.isfinite(value) or value <= 0:
+    raise ValueError(
+      f"`{name}` (the number of training inputs) must be a finite number > 0; got {value!r}. "
+      "Pass the size of the training set, not of the batch."
+    )

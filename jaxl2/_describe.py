@@ -1,0 +1,186 @@
+"""`describe`: the table of what is penalized, so that it is never a guess."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxl2._checks import check_lam, check_m
+from jaxl2._masks import MaskSpec, resolve
+
+__all__ = ["Description", "LeafRow", "describe"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafRow:
+  """One leaf of `describe`'s table.
+
+  Attributes:
+    path: the parameter's path (``params/Dense_0/kernel``).
+    shape: the leaf's shape.
+    dtype: the leaf's dtype name.
+    size: the number of elements.
+    selected: whether the mask selects it (multiplier > 0).
+    multiplier: its multiplier on λ (0.0 when not selected).
+    sq_norm: ‖W‖² in float64 (Σ|w|² for complex leaves); ``None`` for
+      leaves that are not floating (integer counters, RNG keys).
+    variable: the Flax NNX variable type (``Param``, ``BatchStat``), or "".
+  """
+
+  path: str
+  shape: tuple[int, ...]
+  dtype: str
+  size: int
+  selected: bool
+  multiplier: float
+  sq_norm: float | None
+  variable: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Description:
+  """What `describe` returns: the rows as data, and the table as ``str()``.
+
+  Attributes:
+    rows: one `LeafRow` per leaf, in pytree order.
+    lam, m: as given (``None`` when not given).
+    penalty: (λ / 2m) · Σ c_j ‖W_j‖² in float64 when ``lam`` and ``m`` are
+      given and something is selected, else ``None``.
+  """
+
+  rows: tuple[LeafRow, ...]
+  lam: float | None = None
+  m: float | None = None
+  penalty: float | None = None
+
+  @property
+  def n_selected(self) -> int:
+    """Number of leaves the mask selects."""
+    return sum(row.selected for row in self.rows)
+
+  @property
+  def params_selected(self) -> int:
+    """Number of scalar parameters in selected leaves."""
+    return sum(row.size for row in self.rows if row.selected)
+
+  @property
+  def params_total(self) -> int:
+    """Number of scalar parameters in all leaves."""
+    return sum(row.size for row in self.rows)
+
+  @property
+  def weighted_sq_norm(self) -> float:
+    """Σ c_j ‖W_j‖² over the selected leaves (float64)."""
+    return math.fsum(row.multiplier * (row.sq_norm or 0.0) for row in self.rows if row.selected)
+
+  def __str__(self) -> str:
+    header = ("path", "shape", "dtype", "size", "selected", "mult", "‖W‖²")
+    body = [
+      (
+        row.path + (f" [{row.variable}]" if row.variable and row.variable != "Param" else ""),
+        "x".join(map(str, row.shape)) if row.shape else "()",
+        row.dtype,
+        f"{row.size:,}",
+        "yes" if row.selected else "no",
+        f"{row.multiplier:g}" if row.selected else "-",
+        "-" if row.sq_norm is None else f"{row.sq_norm:.6g}",
+      )
+      for row in self.rows
+    ]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    right = {3, 5, 6}
+
+    def line(cells: tuple[str, ...]) -> str:
+      padded = [
+        cell.rjust(width) if i in right else cell.ljust(width)
+        for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+      ]
+      return "  ".join(padded).rstrip()
+
+    rule = "-" * len(line(header))
+    lines = [line(header), rule, *map(line, body), rule]
+    total = self.params_total
+    share = f" ({100 * self.params_selected / total:.1f}%)" if total else ""
+    lines.append(
+      f"penalized: {self.n_selected} of {len(self.rows)} leaves, "
+      f"{self.params_selected:,} of {total:,} parameters{share}"
+    )
+    lines.append(f"Σ c·‖W‖² over penalized leaves: {self.weighted_sq_norm:.6g}")
+    if self.rows and not self.n_selected:
+      lines.append("nothing is selected: l2_penalty with this mask raises ValueError")
+    if self.penalty is not None:
+      lines.append(f"penalty (λ/2m)·Σ c·‖W‖² with λ={self.lam:g}, m={self.m:g}: {self.penalty:.6g}")
+    return "\n".join(lines)
+
+
+def _sq_norm(value: Any) -> float | None:
+  dtype = getattr(value, "dtype", None)
+  if dtype is None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, complex)):
+      return None
+    return float(abs(value) ** 2) if isinstance(value, (float, complex)) else None
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    return None
+  x = np.asarray(jax.device_get(value))
+  x = x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+  return float(np.sum(np.abs(x) ** 2)) if np.iscomplexobj(x) else float(np.sum(x * x))
+
+
+def describe(params: Any, *, mask: MaskSpec = None, lam: Any = None, m: Any = None) -> Description:
+  r"""Lists every leaf with whether, and how strongly, it is penalized.
+
+  Uses the same mask resolver as `jaxl2.l2_penalty`, so what it shows is
+  what the penalty uses. Norms are computed in float64 with NumPy, so this is
+  a tool for concrete params, not for use under `jax.jit`. A mask that selects
+  nothing is shown (and flagged) rather than raised, to help find why.
+
+  Args:
+    params: any pytree of arrays, as for `jaxl2.l2_penalty`.
+    mask: as for `jaxl2.l2_penalty`.
+    lam, m: optional; when both are given the penalty value is included.
+
+  Returns:
+    A `Description`: ``str()`` gives the table, ``.rows`` the data.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxl2
+    >>> d = jaxl2.describe({"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}, lam=1.0, m=2)
+    >>> [(r.path, r.selected) for r in d.rows]
+    [('b', False), ('w', True)]
+    >>> d.penalty
+    1.5
+  """
+  if (lam is None) != (m is None):
+    raise ValueError("`describe` needs both `lam` and `m` to report the penalty, or neither.")
+  if lam is not None:
+    check_lam(lam)
+    check_m(m)
+  selection = resolve(params, mask, allow_empty=True)
+  rows = []
+  for leaf, multiplier in zip(selection.leaves, selection.multipliers, strict=True):
+    shape = tuple(np.shape(leaf.value))
+    rows.append(
+      LeafRow(
+        path=leaf.path,
+        shape=shape,
+        dtype=str(getattr(leaf.value, "dtype", type(leaf.value).__name__)),
+        size=int(np.prod(shape, dtype=np.int64)),
+        selected=multiplier != 0.0,
+        multiplier=multiplier,
+        sq_norm=_sq_norm(leaf.value),
+        variable=leaf.variable.__name__ if leaf.variable is not None else "",
+      )
+    )
+  description = Description(rows=tuple(rows))
+  if lam is not None and description.n_selected:
+    lam_f, m_f = float(lam), float(m)
+    penalty = lam_f / (2 * m_f) * description.weighted_sq_norm
+    description = dataclasses.replace(description, lam=lam_f, m=m_f, penalty=penalty)
+  elif lam is not None:
+    description = dataclasses.replace(description, lam=float(lam), m=float(m))
+  return description

@@ -1,0 +1,201 @@
+"""The L2 penalty (λ / 2m) · Σ_j ‖W_j‖², its analytic gradient, and `regularized`.
+
+Accumulation is in float32, or float64 when a selected leaf is 64-bit: bf16
+and fp16 leaves are upcast before squaring, so weights of magnitude ~1000 in
+fp16 (whose squares overflow fp16) give a finite, exact-to-float32 penalty.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxl2._checks import check_lam, check_m
+from jaxl2._masks import MaskSpec, Selection, resolve
+
+__all__ = [
+  "accumulation_dtype",
+  "l2_penalty",
+  "l2_penalty_grad",
+  "regularized",
+  "sum_of_squares",
+]
+
+
+_WIDE = frozenset({jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)})
+
+
+def accumulation_dtype(selection: Selection) -> jnp.dtype:
+  """float64 if any selected leaf is float64/complex128, else float32.
+
+  Python numbers count as float32 (JAX's weak types), so a stray ``1.0`` leaf
+  does not switch a float32 model to float64 under ``jax_enable_x64``.
+  """
+  for leaf, _ in selection.selected:
+    dtype = getattr(leaf.value, "dtype", None)
+    if dtype is not None and jnp.dtype(dtype) in _WIDE:
+      return jnp.dtype(jnp.float64)
+  return jnp.dtype(jnp.float32)
+
+
+def _squared_norm(value: Any, acc: jnp.dtype) -> jax.Array:
+  x = jnp.asarray(value)
+  if jnp.iscomplexobj(x):
+    re, im = jnp.real(x).astype(acc), jnp.imag(x).astype(acc)
+    return jnp.sum(re * re) + jnp.sum(im * im)
+  x = x.astype(acc)
+  return jnp.sum(x * x)
+
+
+def sum_of_squares(selection: Selection, acc: jnp.dtype) -> jax.Array:
+  """Σ_j w_j · ‖W_j‖² over the selected leaves, accumulated in ``acc``."""
+  total = jnp.zeros((), acc)
+  for leaf, multiplier in selection.selected:
+    term = _squared_norm(leaf.value, acc)
+    total = total + (term if multiplier == 1.0 else jnp.asarray(multiplier, acc) * term)
+  return total
+
+
+def _scalar(value: Any, acc: jnp.dtype) -> jax.Array:
+  return jnp.asarray(value).astype(acc)
+
+
+def l2_penalty(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> jax.Array:
+  r"""L2 penalty (λ / 2m) · Σ_j c_j ‖W_j‖² over the leaves selected by ``mask``.
+
+  ``c_j`` is leaf j's multiplier from the mask (1 for a plain selection). For
+  complex leaves ‖W‖² is Σ|w|². NaN in a selected weight gives NaN.
+
+  Args:
+    params: any pytree of arrays: Flax linen params, an NNX module or
+      ``nnx.state(model, nnx.Param)``, nested dicts/lists/tuples. ``None``
+      entries are skipped.
+    lam: λ ≥ 0, the regularization strength. A Python, NumPy or JAX scalar;
+      may be traced (`jax.jit`, `jax.vmap` over λ, `jax.grad` with respect to
+      λ). Traced values cannot be checked here: a negative traced λ is only
+      caught under `jax.experimental.checkify.checkify`.
+    m: the number of training inputs (the training set, not the batch), > 0.
+      May be traced, with the same caveat.
+    mask: which leaves count, and with what multiplier; see `jaxl2.by_ndim`.
+      Default: floating leaves with ndim ≥ 2 (kernels, embeddings).
+
+  Returns:
+    A 0-d float32 array, float64 if a selected leaf is float64/complex128,
+    whatever the dtypes of the leaves, ``lam`` and ``m``. Empty params give 0.
+
+  Raises:
+    TypeError: ``lam`` or ``m`` not a real scalar; a leaf that is not an
+      array; a mask value that is not a bool/number; an integer leaf selected.
+    ValueError: ``lam`` < 0, ``m`` ≤ 0, either non-finite or not 0-d; a mask
+      that does not fit ``params`` or selects nothing.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxl2
+    >>> params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    >>> jaxl2.l2_penalty(params, lam=0.5, m=4)
+    Array(0.25, dtype=float32)
+  """
+  check_lam(lam)
+  check_m(m)
+  selection = resolve(params, mask)
+  acc = accumulation_dtype(selection)
+  total = sum_of_squares(selection, acc)
+  return _scalar(lam, acc) / (2 * _scalar(m, acc)) * total
+
+
+def l2_penalty_grad(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> Any:
+  r"""The analytic gradient of `l2_penalty`: (λ/m) · c_j · W_j, zeros elsewhere.
+
+  For complex leaves the result follows JAX's convention for the gradient of
+  a real function, (λ/m) · c_j · conj(W_j), so it equals
+  ``jax.grad(l2_penalty)`` everywhere. Each leaf keeps its dtype.
+
+  Args:
+    params, lam, m, mask: as for `jaxl2.l2_penalty`.
+
+  Returns:
+    A pytree with the structure of ``params``.
+
+  Raises:
+    As `jaxl2.l2_penalty`.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxl2
+    >>> jaxl2.l2_penalty_grad({"w": jnp.ones((1, 2)), "b": jnp.ones(2)}, lam=0.5, m=4)
+    {'b': Array([0., 0.], dtype=float32), 'w': Array([[0.125, 0.125]], dtype=float32)}
+  """
+  check_lam(lam)
+  check_m(m)
+  selection = resolve(params, mask)
+  acc = accumulation_dtype(selection)
+  scale = _scalar(lam, acc) / _scalar(m, acc)
+  out = []
+  for leaf, multiplier in zip(selection.leaves, selection.multipliers, strict=True):
+    value = jnp.asarray(leaf.value)
+    if multiplier == 0.0:
+      out.append(jnp.zeros_like(value))
+      continue
+    coef = scale if multiplier == 1.0 else scale * jnp.asarray(multiplier, acc)
+    if jnp.iscomplexobj(value):
+      out.append((coef * jnp.conj(value)).astype(value.dtype))
+    else:
+      out.append((coef * value.astype(acc)).astype(value.dtype))
+  return jax.tree_util.tree_unflatten(selection.treedef, out)
+
+
+def regularized(
+  loss_fn: Callable[..., Any],
+  lam: Any,
+  m: Any,
+  *,
+  mask: MaskSpec = None,
+  has_aux: bool = False,
+) -> Callable[..., Any]:
+  r"""Wraps ``loss_fn(params, *args)`` into ``loss_fn(params, *args) + l2_penalty(params, lam, m)``.
+
+  Args:
+    loss_fn: the data loss, ``loss_fn(params, *args, **kwargs) -> scalar``
+      (or ``(scalar, aux)`` with ``has_aux=True``). It should be the *mean*
+      over the batch, so that the penalty's 1/m keeps both on one scale.
+    lam, m, mask: as for `jaxl2.l2_penalty`; checked here when concrete.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``; the penalty is added to
+      ``loss`` and ``aux`` passed through, as `jax.value_and_grad` expects.
+
+  Returns:
+    A function with the signature of ``loss_fn``.
+
+  Raises:
+    TypeError: ``loss_fn`` is not callable; ``lam``/``m`` as `l2_penalty`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxl2
+    >>> def mse(params, x, y):
+    ...   return jnp.mean((x @ params["w"] - y) ** 2)
+    >>> loss = jaxl2.regularized(mse, lam=0.1, m=100)
+    >>> params = {"w": jnp.ones((3, 1))}
+    >>> float(loss(params, jnp.zeros((5, 3)), jnp.zeros((5, 1))))  # 0.1/200 * 3
+    0.0015000000...
+  """
+  if not callable(loss_fn):
+    raise TypeError(
+      f"`loss_fn` must be callable, as in `regularized(loss_fn, lam, m)`; got "
+      f"{loss_fn!r} ({type(loss_fn).__name__}). Did you pass the loss value instead of "
+      "the function?"
+    )
+  check_lam(lam)
+  check_m(m)
+
+  @functools.wraps(loss_fn)
+  def wrapped(params: Any, *args: Any, **kwargs: Any) -> Any:
+    out = loss_fn(params, *args, **kwargs)
+    penalty = l2_penalty(params, lam, m, mask=mask)
+    if has_aux:
+      loss, aux = out
+      return loss + penalty, aux
+    return out + penalty
+
+  return wrapped

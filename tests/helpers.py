@@ -1,0 +1,120 @@
+"""Shared test helpers: float64 references, tree comparisons, model builders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def as_f64(x: Any) -> np.ndarray:
+  """A leaf as a NumPy float64 (or complex128) array, the reference precision."""
+  x = np.asarray(jax.device_get(x))
+  return x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+
+
+def ref_sq_norm(x: Any) -> float:
+  """‖x‖² = Σ|x|² in float64 with NumPy."""
+  x = as_f64(x)
+  return float(np.sum(np.abs(x) ** 2))
+
+
+def ref_l2(leaves: Iterable[tuple[Any, float]], lam: float, m: float) -> float:
+  """(λ / 2m) · Σ c·‖W‖² in float64, given (leaf, multiplier) pairs."""
+  return lam / (2.0 * m) * sum(c * ref_sq_norm(w) for w, c in leaves)
+
+
+def leaves_by_path(tree: Any) -> dict[str, Any]:
+  """{'a/b/0/kernel': leaf} with a path spelling written independently of jaxl2."""
+  out = {}
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    parts = []
+    for k in kp:
+      parts.append(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))))
+    if parts and parts[-1] == "value":
+      parts.pop()
+    out["/".join(parts)] = leaf
+  return out
+
+
+def assert_trees_close(a: Any, b: Any, *, rtol: float, atol: float = 0.0) -> None:
+  """Same structure, and every leaf pair close (NumPy float64 comparison)."""
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+    np.testing.assert_allclose(as_f64(x), as_f64(y), rtol=rtol, atol=atol)
+
+
+# ---- models -----------------------------------------------------------------
+
+
+class MLP(nn.Module):
+  """Flax linen MLP."""
+
+  features: tuple[int, ...] = (16, 8, 3)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i, f in enumerate(self.features):
+      x = nn.Dense(f)(x)
+      if i < len(self.features) - 1:
+        x = nn.relu(x)
+    return x
+
+
+class CNN(nn.Module):
+  """Flax linen CNN with BatchNorm and LayerNorm (their scales must not be penalized)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = nn.Conv(4, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    x = nn.relu(x)
+    x = x.reshape((x.shape[0], -1))
+    x = nn.LayerNorm()(x)
+    return nn.Dense(2)(x)
+
+
+def linen_mlp_params(seed: int = 0, in_dim: int = 5) -> Any:
+  return MLP().init(jax.random.key(seed), jnp.ones((1, in_dim)))["params"]
+
+
+def linen_cnn_variables(seed: int = 0) -> Any:
+  return CNN().init(jax.random.key(seed), jnp.ones((1, 6, 6, 1)))
+
+
+class NNXNet(nnx.Module):
+  """Flax NNX net with a BatchNorm and a Dropout (RNG state inside the module)."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.dense1 = nnx.Linear(5, 8, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.drop = nnx.Dropout(0.1, rngs=rngs)
+    self.dense2 = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.dense2(self.drop(nnx.relu(self.bn(self.dense1(x)))))
+
+
+def nnx_net(seed: int = 0) -> NNXNet:
+  return NNXNet(nnx.Rngs(seed))
+
+
+def randomize(tree: Any, seed: int = 0, scale: float = 1.0) -> Any:
+  """Replaces floating leaves by random normal values (so biases are non-zero)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  out = [
+    scale * jax.random.normal(k, x.shape, x.dtype)
+    if jnp.issubdtype(getattr(x, "dtype", jnp.int32), jnp.floating)
+    else x
+    for k, x in zip(keys, leaves, strict=True)
+  ]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+Builder = Callable[[], Any]
