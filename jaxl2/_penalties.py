@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxl2._checks import check_lam, check_m
 from jaxl2._masks import MaskSpec, Selection, resolve
+from jaxl2._reduce import squares, weighted_sum
 
 __all__ = [
   "accumulation_dtype",
@@ -42,22 +43,10 @@ def accumulation_dtype(selection: Selection) -> jnp.dtype:
   return jnp.dtype(jnp.float32)
 
 
-def _squared_norm(value: Any, acc: jnp.dtype) -> jax.Array:
-  x = jnp.asarray(value)
-  if jnp.iscomplexobj(x):
-    re, im = jnp.real(x).astype(acc), jnp.imag(x).astype(acc)
-    return jnp.sum(re * re) + jnp.sum(im * im)
-  x = x.astype(acc)
-  return jnp.sum(x * x)
-
-
 def sum_of_squares(selection: Selection, acc: jnp.dtype) -> jax.Array:
-  """Σ_j w_j · ‖W_j‖² over the selected leaves, accumulated in ``acc``."""
-  total = jnp.zeros((), acc)
-  for leaf, multiplier in selection.selected:
-    term = _squared_norm(leaf.value, acc)
-    total = total + (term if multiplier == 1.0 else jnp.asarray(multiplier, acc) * term)
-  return total
+  """Σ_j c_j · ‖W_j‖² over the selected leaves, accumulated in ``acc``."""
+  selected = selection.selected
+  return weighted_sum([leaf.value for leaf, _ in selected], [c for _, c in selected], squares, acc)
 
 
 def _scalar(value: Any, acc: jnp.dtype) -> jax.Array:
