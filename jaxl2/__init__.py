@@ -3,22 +3,71 @@
 J(W) = loss + (λ / 2m) · Σ_j ‖W_j‖²,   ∂/∂W_j = (λ / m) · W_j
 """
 
+from jaxl2._datasets import Digits, load_digits
 from jaxl2._describe import Description, LeafRow, describe
+from jaxl2._family import (
+  elastic_net_penalty,
+  elastic_net_penalty_grad,
+  l1_penalty,
+  l1_penalty_grad,
+  l2_sp_penalty,
+  l2_sp_penalty_grad,
+)
 from jaxl2._masks import all_floating, by_name, by_ndim, by_regex
-from jaxl2._penalties import l2_penalty, l2_penalty_grad, regularized
+from jaxl2._penalties import l2_penalty, l2_penalty_grad, regularized, weight_sq_norm
+from jaxl2._sweep import SweepResult, sweep
+from jaxl2._training import (
+  TrainState,
+  TrainStep,
+  accuracy,
+  make_eval_step,
+  make_train_step,
+)
+from jaxl2._transforms import (
+  AddL2GradState,
+  add_l2_grad,
+  l2_sp_grad,
+  to_keras_l2,
+  to_sklearn_alpha,
+  to_sklearn_C,
+  to_weight_decay,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "AddL2GradState",
   "Description",
+  "Digits",
   "LeafRow",
+  "SweepResult",
+  "TrainState",
+  "TrainStep",
   "__version__",
+  "accuracy",
+  "add_l2_grad",
   "all_floating",
   "by_name",
   "by_ndim",
   "by_regex",
   "describe",
+  "elastic_net_penalty",
+  "elastic_net_penalty_grad",
+  "l1_penalty",
+  "l1_penalty_grad",
   "l2_penalty",
   "l2_penalty_grad",
+  "l2_sp_grad",
+  "l2_sp_penalty",
+  "l2_sp_penalty_grad",
+  "load_digits",
+  "make_eval_step",
+  "make_train_step",
   "regularized",
+  "sweep",
+  "to_keras_l2",
+  "to_sklearn_C",
+  "to_sklearn_alpha",
+  "to_weight_decay",
+  "weight_sq_norm",
 ]

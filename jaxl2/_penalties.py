@@ -20,10 +20,12 @@ from jaxl2._reduce import squares, weighted_sum
 
 __all__ = [
   "accumulation_dtype",
+  "l2_from_sq_norm",
   "l2_penalty",
   "l2_penalty_grad",
   "regularized",
   "sum_of_squares",
+  "weight_sq_norm",
 ]
 
 
@@ -51,6 +53,32 @@ def sum_of_squares(selection: Selection, acc: jnp.dtype) -> jax.Array:
 
 def _scalar(value: Any, acc: jnp.dtype) -> jax.Array:
   return jnp.asarray(value).astype(acc)
+
+
+def l2_from_sq_norm(sq_norm: jax.Array, lam: Any, m: Any) -> jax.Array:
+  """(λ / 2m) · sq_norm in the dtype of ``sq_norm``: the one place the formula is written."""
+  return _scalar(lam, sq_norm.dtype) / (2 * _scalar(m, sq_norm.dtype)) * sq_norm
+
+
+def weight_sq_norm(params: Any, *, mask: MaskSpec = None) -> jax.Array:
+  r"""Σ_j c_j · ‖W_j‖² over the leaves selected by ``mask``: what L2 penalizes, before λ/2m.
+
+  The quantity to log and plot against λ (a large λ drives it toward 0).
+
+  Args:
+    params: any pytree of arrays, as for `jaxl2.l2_penalty`.
+    mask: as for `jaxl2.l2_penalty`.
+
+  Returns:
+    A 0-d float32 array (float64 if a selected leaf is 64-bit).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxl2
+    >>> jaxl2.weight_sq_norm({"w": jnp.full((2, 2), 3.0), "b": jnp.ones(2)})
+    Array(36., dtype=float32)
+  """
+  selection = resolve(params, mask)
+  return sum_of_squares(selection, accumulation_dtype(selection))
 
 
 def l2_penalty(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> jax.Array:
@@ -90,10 +118,7 @@ def l2_penalty(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> jax.A
   """
   check_lam(lam)
   check_m(m)
-  selection = resolve(params, mask)
-  acc = accumulation_dtype(selection)
-  total = sum_of_squares(selection, acc)
-  return _scalar(lam, acc) / (2 * _scalar(m, acc)) * total
+  return l2_from_sq_norm(weight_sq_norm(params, mask=mask), lam, m)
 
 
 def l2_penalty_grad(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> Any:

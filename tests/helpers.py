@@ -118,3 +118,66 @@ def randomize(tree: Any, seed: int = 0, scale: float = 1.0) -> Any:
 
 
 Builder = Callable[[], Any]
+
+
+# ---- training helpers (optimizer/training tests) -------------------------------
+
+
+def mlp_problem(seed: int = 0, n: int = 32, in_dim: int = 5, dtype: Any = jnp.float32):
+  """A linen MLP, its params in ``dtype``, a regression batch and a mean-squared loss."""
+  model = MLP(features=(16, 8, 1))
+  params = model.init(jax.random.key(seed), jnp.ones((1, in_dim)))["params"]
+  params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(n, in_dim)), dtype)
+  y = jnp.asarray(rng.normal(size=(n, 1)), dtype)
+
+  def apply_fn(p, inputs):
+    return model.apply({"params": p}, inputs)
+
+  def mse(outputs, targets):
+    return jnp.mean((outputs - targets) ** 2)
+
+  def loss(p):
+    return mse(apply_fn(p, x), y)
+
+  return params, (x, y), apply_fn, mse, loss
+
+
+def kernel_mask(params: Any) -> Any:
+  """The default selection written as an optax-style bool pytree."""
+  return jax.tree_util.tree_map(lambda w: w.ndim >= 2, params)
+
+
+# ---- the penalty family (L1, elastic net, L2-SP) ------------------------------
+
+
+def ref_abs_sum(x: Any) -> float:
+  """Σ|x| (the modulus for complex x) in float64 with NumPy."""
+  return float(np.sum(np.abs(as_f64(x))))
+
+
+def ref_l1(leaves: Iterable[tuple[Any, float]], lam: float, m: float) -> float:
+  """(λ / m) · Σ c·Σ|W| in float64, given (leaf, multiplier) pairs."""
+  return lam / m * sum(c * ref_abs_sum(w) for w, c in leaves)
+
+
+def ref_elastic_net(leaves: Iterable[tuple[Any, float]], lam: float, m: float, rho: float) -> float:
+  """(λ / m) · Σ c·[ρ·Σ|W| + ((1 − ρ) / 2)·‖W‖²] in float64."""
+  terms = (c * (rho * ref_abs_sum(w) + (1 - rho) / 2 * ref_sq_norm(w)) for w, c in leaves)
+  return lam / m * sum(terms)
+
+
+def ref_l2_sp(triples: Iterable[tuple[Any, Any, float]], lam: float, m: float) -> float:
+  """(λ / 2m) · Σ c·‖W − W₀‖² in float64, given (leaf, anchor leaf, multiplier) triples."""
+  return lam / (2.0 * m) * sum(c * ref_sq_norm(as_f64(w) - as_f64(w0)) for w, w0, c in triples)
+
+
+def ref_sign(x: Any) -> np.ndarray:
+  """The derivative of |x| as `jax.grad` defines it, in float64: +1 where x >= 0 (so at 0),
+  -1 elsewhere; conj(x)/|x| for complex x, 0 at 0."""
+  x = as_f64(x)
+  if np.iscomplexobj(x):
+    modulus = np.abs(x)
+    return np.conj(x) / np.where(modulus == 0, 1.0, modulus)
+  return np.where(x >= 0, 1.0, -1.0)

@@ -1,21 +1,93 @@
-"""The `jaxl2` command line."""
+"""The `jaxl2` command line: the demo at a tiny size, and every bad input."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+
+import matplotlib.image
+import pytest
 
 import jaxl2
 from jaxl2.cli import main
 
+TINY = ["--train-size", "40", "--steps", "4", "--hidden", "8", "--no-progress"]
 
-def test_version_and_help(capsys):
+
+@pytest.fixture(autouse=True)
+def _keep_xla_flags(monkeypatch):
+  # main() sets XLA_FLAGS for the process it runs in; keep it out of other tests.
+  monkeypatch.setenv("XLA_FLAGS", "")
+
+
+def test_help_and_version(capsys):
   assert main([]) == 0
   assert "usage: jaxl2" in capsys.readouterr().out
-
-
-def test_python_dash_m_runs_the_same_command():
   out = subprocess.run(
     [sys.executable, "-m", "jaxl2", "--version"], capture_output=True, text=True, check=True
   )
   assert out.stdout.strip() == f"jaxl2 {jaxl2.__version__}"
+
+
+def test_demo_writes_json_of_the_schema_and_a_png(tmp_path, capsys):
+  assert main(["demo", *TINY, "--lambdas", "0,0.1,5", "--out", str(tmp_path / "o")]) == 0
+  report = json.loads((tmp_path / "o" / "demo.json").read_text())
+  assert {"dataset", "m", "lambdas", "best_lam", "results"} <= set(report)
+  assert report["lambdas"] == [0.0, 0.1, 5.0] and report["m"] == 40
+  assert report["best_lam"] in report["lambdas"]
+  keys = {
+    "lam",
+    "train_accuracy",
+    "val_accuracy",
+    "train_loss",
+    "val_loss",
+    "weight_sq_norm",
+    "penalty",
+  }
+  for row, lam in zip(report["results"], report["lambdas"], strict=True):
+    assert keys <= set(row) and row["lam"] == lam
+    assert 0.0 <= row["val_accuracy"] <= 1.0 and row["weight_sq_norm"] > 0
+    assert row["penalty"] == pytest.approx(lam / (2 * 40) * row["weight_sq_norm"], rel=1e-5)
+  image = matplotlib.image.imread(tmp_path / "o" / "demo.png")
+  assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+  table = capsys.readouterr().out
+  assert "train acc" in table and "<- best" in table and "demo.json" in table
+
+
+def test_python_dash_m_demo_runs(tmp_path):
+  out = subprocess.run(
+    [sys.executable, "-m", "jaxl2", "demo", *TINY, "--lambdas", "0,1", "--out", str(tmp_path)],
+    capture_output=True,
+    text=True,
+  )
+  assert out.returncode == 0, out.stderr
+  assert (tmp_path / "demo.json").exists() and (tmp_path / "demo.png").exists()
+
+
+@pytest.mark.parametrize(
+  ("args", "message"),
+  [
+    (["--lambdas", "0,-1"], "each λ must be a finite number >= 0; got -1"),
+    (["--lambdas", "0,abc"], "λ must be numbers separated by commas"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--train-size", "5000"], "--train-size: must be below 1797"),
+    (["--train-size", "0"], "expected a positive integer; got 0"),
+    (["--steps", "x"], "expected a positive integer; got 'x'"),
+    (["--out", "/proc/forbidden/dir"], "argument --out: cannot write to '/proc/forbidden/dir'"),
+  ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    main(["demo", *args])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_input_in_a_real_process_has_no_traceback():
+  out = subprocess.run(
+    [sys.executable, "-m", "jaxl2", "demo", "--lambdas", "-3"], capture_output=True, text=True
+  )
+  assert out.returncode == 2
+  assert "Traceback" not in out.stderr and "must be a finite number >= 0" in out.stderr

@@ -19,5 +19,5 @@ def test_readme_python_blocks_run():
 def test_readme_first_lines_are_the_two_commands():
   lines = README.read_text(encoding="utf-8").splitlines()
   commands = lines[lines.index("```bash") + 1 : lines.index("```bash") + 3]
-  assert commands[0].startswith("python3 -m venv .venv") and "jaxl2" in commands[0]
+  assert commands[0].startswith("python3 -m venv .venv") and commands[0].endswith("jaxl2 demo")
   assert commands[1].endswith(".venv/bin/python -m pytest")

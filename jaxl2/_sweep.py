@@ -1,0 +1,226 @@
+"""`sweep`: one model per λ (and per seed), trained in one compiled program.
+
+The λ axis is a `jax.vmap` batch axis: λ is data in the training state, so
+every model runs the same program. When several devices are visible (a TPU
+host, several GPUs, or CPU host devices from ``XLA_FLAGS``), the models are
+sharded over them along that axis and train in parallel with no
+communication; on one device the same code runs unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxl2._checks import check_lam, check_m
+from jaxl2._masks import MaskSpec
+from jaxl2._penalties import l2_from_sq_norm, weight_sq_norm
+from jaxl2._training import ApplyFn, Batch, LossFn, TrainState, accuracy, make_train_step
+
+__all__ = ["SweepResult", "sweep"]
+
+_METRICS = ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "weight_sq_norm", "penalty")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepResult:
+  """Per-λ results of `jaxl2.sweep`, all measured after the last step.
+
+  Every metric array has shape ``(len(lams), n_seeds)``.
+
+  Attributes:
+    lams: the λ grid, in the order given.
+    seeds: the seeds (one model per λ and seed).
+    m: the number of training inputs used in (λ/2m).
+    train_loss, val_loss: mean data loss (no penalty) on the train/validation set.
+    train_accuracy, val_accuracy: classification accuracy (`jaxl2.accuracy`).
+    weight_sq_norm: Σ c·‖W‖² of the final weights.
+    penalty: (λ/2m) · weight_sq_norm.
+    best_lam: the λ with the lowest validation loss, averaged over seeds.
+    params: the final parameters, each leaf stacked as (len(lams), n_seeds, ...).
+  """
+
+  lams: np.ndarray
+  seeds: tuple[int, ...]
+  m: float
+  train_loss: np.ndarray
+  val_loss: np.ndarray
+  train_accuracy: np.ndarray
+  val_accuracy: np.ndarray
+  weight_sq_norm: np.ndarray
+  penalty: np.ndarray
+  best_lam: float
+  params: Any = dataclasses.field(repr=False)
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-ready: per-λ rows with metrics averaged over seeds, and ``best_lam``."""
+    rows = [
+      {"lam": float(lam), **{k: float(np.mean(getattr(self, k)[i])) for k in _METRICS}}
+      for i, lam in enumerate(self.lams)
+    ]
+    return {
+      "m": self.m,
+      "lambdas": [float(lam) for lam in self.lams],
+      "seeds": list(self.seeds),
+      "best_lam": self.best_lam,
+      "best_by": "lowest mean validation loss",
+      "results": rows,
+    }
+
+
+def _model_mesh() -> Mesh | None:
+  devices = jax.devices()
+  return None if len(devices) == 1 else Mesh(np.asarray(devices), ("models",))
+
+
+def sweep(
+  init_fn: Callable[[jax.Array], Any],
+  apply_fn: ApplyFn,
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  train_data: Batch,
+  val_data: Batch,
+  *,
+  lams: Sequence[float],
+  steps: int,
+  m: float | None = None,
+  seeds: Sequence[int] = (0,),
+  mask: MaskSpec = None,
+  chunks: int = 1,
+  progress: Callable[[int, int], None] | None = None,
+) -> SweepResult:
+  r"""Trains one model per λ (and per seed) in one compiled program, full batch.
+
+  Each model minimizes ``loss_fn(apply_fn(params, x), y) + (λ/2m)·Σ c·‖W‖²``
+  with ``optimizer`` for ``steps`` full-batch steps from ``init_fn(key(seed))``,
+  exactly as `jaxl2.make_train_step` would; the models differ only in λ and
+  seed. The program is `jax.vmap` over models, sharded over all devices when
+  there are several.
+
+  Args:
+    init_fn: ``init_fn(key) -> params``: the initial parameters for a seed.
+    apply_fn, loss_fn, optimizer, mask: as for `jaxl2.make_train_step`.
+    train_data: ``(inputs, targets)`` of the training set.
+    val_data: ``(inputs, targets)`` of the validation set.
+    lams: the λ grid (each ≥ 0).
+    steps: number of training steps per model.
+    m: the number of training inputs; default ``len(train_data[1])``.
+    seeds: one model per λ and seed.
+    chunks: run the steps in this many calls of the same compiled program
+      (for progress reporting); ``steps`` must divide evenly.
+    progress: called as ``progress(steps_done, steps)`` after each chunk.
+
+  Returns:
+    A `SweepResult`; ``best_lam`` is chosen by the lowest mean validation loss.
+
+  Raises:
+    ValueError: an empty or invalid λ grid, ``steps`` < 1, ``chunks`` not
+      dividing ``steps``, ``m`` ≤ 0.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jaxl2
+    >>> x = jax.random.normal(jax.random.key(0), (32, 3)); y = x @ jnp.ones((3, 1))
+    >>> result = jaxl2.sweep(
+    ...   lambda key: {"w": jax.random.normal(key, (3, 1))}, lambda p, x: x @ p["w"],
+    ...   lambda out, y: jnp.mean((out - y) ** 2), optax.sgd(0.1), (x, y), (x, y),
+    ...   lams=[0.0, 10.0], steps=50)
+    >>> norms = result.weight_sq_norm[:, 0]  # one seed: shape (len(lams),)
+    >>> bool(norms[1] < norms[0])  # the larger λ ends with smaller weights
+    True
+  """
+  lam_list = []
+  for i, lam in enumerate(lams):
+    check_lam(lam, f"lams[{i}]")
+    lam_list.append(float(lam))
+  if not lam_list:
+    raise ValueError("`lams` must hold at least one λ; got an empty sequence.")
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"`steps` must be an integer >= 1; got {steps!r}.")
+  if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or steps % chunks:
+    raise ValueError(f"`chunks` must be a positive divisor of `steps` ({steps}); got {chunks!r}.")
+  seed_list = tuple(int(s) for s in seeds)
+  if not seed_list:
+    raise ValueError("`seeds` must hold at least one seed; got an empty sequence.")
+  m = float(len(train_data[1]) if m is None else m)
+  check_m(m)
+
+  train = make_train_step(apply_fn, loss_fn, optimizer, lam=0.0, m=m, mask=mask)
+  n_lams, n_seeds = len(lam_list), len(seed_list)
+  n_models = n_lams * n_seeds
+  mesh = _model_mesh()
+  n_dev = 1 if mesh is None else mesh.devices.size
+  padded = math.ceil(n_models / n_dev) * n_dev  # pad so every device gets the same share
+
+  lam_grid = np.repeat(np.asarray(lam_list, np.float32), n_seeds)
+  seed_grid = np.tile(np.asarray(seed_list), n_lams)
+  lam_grid = np.concatenate([lam_grid, np.full(padded - n_models, lam_grid[-1], np.float32)])
+  seed_grid = np.concatenate([seed_grid, np.full(padded - n_models, seed_grid[-1])])
+
+  def init_one(seed: jax.Array, lam: jax.Array) -> TrainState:
+    params = init_fn(jax.random.key(seed))
+    return TrainState(params, optimizer.init(params), jnp.zeros([], jnp.int32), lam)
+
+  def run_chunk(state: TrainState, batch: Batch) -> TrainState:
+    def body(state: TrainState, _: None) -> tuple[TrainState, None]:
+      return train.step_fn(state, batch)[0], None
+
+    return jax.lax.scan(body, state, None, length=steps // chunks)[0]
+
+  def evaluate(state: TrainState, train_batch: Batch, val_batch: Batch) -> dict[str, jax.Array]:
+    out: dict[str, jax.Array] = {}
+    for split, (x, y) in (("train", train_batch), ("val", val_batch)):
+      outputs = apply_fn(state.params, x)
+      out[f"{split}_loss"] = loss_fn(outputs, y)
+      out[f"{split}_accuracy"] = accuracy(outputs, y)
+    sq_norm = weight_sq_norm(state.params, mask=mask)
+    out["weight_sq_norm"] = sq_norm
+    out["penalty"] = l2_from_sq_norm(sq_norm, state.lam, m)
+    return out
+
+  model_axis = NamedSharding(mesh, P("models")) if mesh is not None else None
+  replicated = NamedSharding(mesh, P()) if mesh is not None else None
+
+  def compile_vmapped(fn: Callable[..., Any], n_shared: int, **kw: Any) -> Callable[..., Any]:
+    vmapped = jax.vmap(fn, in_axes=(0,) + (None,) * n_shared)
+    if mesh is None:
+      return jax.jit(vmapped, **kw)
+    return jax.jit(
+      vmapped,
+      in_shardings=(model_axis,) + (replicated,) * n_shared,
+      out_shardings=model_axis,
+      **kw,
+    )
+
+  init_all = jax.jit(jax.vmap(init_one), out_shardings=model_axis)
+  chunk_all = compile_vmapped(run_chunk, 1, donate_argnums=0)
+  eval_all = compile_vmapped(evaluate, 2)
+
+  state = init_all(jnp.asarray(seed_grid), jnp.asarray(lam_grid))
+  for done in range(chunks):
+    state = chunk_all(state, train_data)
+    if progress is not None:
+      progress((done + 1) * (steps // chunks), steps)
+  metrics = jax.device_get(eval_all(state, train_data, val_data))
+
+  def grid(values: Any) -> np.ndarray:
+    return np.asarray(values)[:n_models].reshape(n_lams, n_seeds, *np.shape(values)[1:])
+
+  fields = {k: grid(metrics[k]) for k in _METRICS}
+  best = int(np.argmin(fields["val_loss"].mean(axis=1)))
+  return SweepResult(
+    lams=np.asarray(lam_list),
+    seeds=seed_list,
+    m=m,
+    best_lam=lam_list[best],
+    params=jax.tree_util.tree_map(grid, jax.device_get(state.params)),
+    **fields,
+  )

@@ -1,0 +1,227 @@
+"""The optimizer side: coupled L2 as optax transforms, and λ in other frameworks' units.
+
+A penalty lives in the loss; weight decay lives in the update. For plain SGD
+the two coincide when the decay rate is λ/m (`to_weight_decay`). For adaptive
+optimizers they do not: `optax.chain(add_l2_grad(λ, m), optax.adam(lr))` is
+Adam on the L2-regularized loss (coupled, like torch's ``Adam(weight_decay)``),
+while `optax.adamw` decays the weights after Adam's rescaling (decoupled). The
+first shrinks weights with large gradient history less; the second shrinks all
+weights at the same rate. They follow different trajectories.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxl2._checks import check_lam, check_m
+from jaxl2._family import anchor_values, l2_sp_penalty_grad
+from jaxl2._masks import MaskSpec, resolve
+from jaxl2._penalties import l2_penalty_grad
+
+__all__ = [
+  "AddL2GradState",
+  "add_l2_grad",
+  "l2_sp_grad",
+  "to_keras_l2",
+  "to_sklearn_C",
+  "to_sklearn_alpha",
+  "to_weight_decay",
+]
+
+Schedule = Callable[[jax.Array], Any]
+
+
+class AddL2GradState(NamedTuple):
+  """State of `add_l2_grad`: the number of updates applied (drives a λ schedule)."""
+
+  count: jax.Array
+
+
+_NEEDS_PARAMS = (
+  "`{name}` needs the current parameters: call `update(updates, state, params)`, as for "
+  "`optax.add_decayed_weights`."
+)
+
+
+def _check_lam_or_schedule(lam: Any) -> None:
+  if callable(lam):
+    check_lam(lam(jnp.zeros([], jnp.int32)), "lam(0)")
+  else:
+    check_lam(lam)
+
+
+def _coupled(
+  name: str, lam: float | Schedule, grad_fn: Callable[[Any, Any], Any], check: Callable[[Any], None]
+) -> optax.GradientTransformation:
+  """Adds ``grad_fn(params, λ_t)`` to the updates; λ_t is ``lam`` or ``lam(count)``."""
+
+  def init_fn(params: Any) -> AddL2GradState:
+    check(params)  # resolve the mask now: a bad mask fails at init, not at step 1
+    return AddL2GradState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(
+    updates: Any, state: AddL2GradState, params: Any = None
+  ) -> tuple[Any, AddL2GradState]:
+    if params is None:
+      raise ValueError(_NEEDS_PARAMS.format(name=name))
+    lam_t = lam(state.count) if callable(lam) else lam
+    decay = grad_fn(params, lam_t)
+    updates = jax.tree_util.tree_map(lambda u, d: u + d.astype(u.dtype), updates, decay)
+    return updates, AddL2GradState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def add_l2_grad(
+  lam: float | Schedule, m: float, *, mask: MaskSpec = None
+) -> optax.GradientTransformation:
+  r"""Adds the L2 penalty's gradient (λ/m) · c_j · W_j to the updates (coupled L2).
+
+  ``optax.chain(add_l2_grad(lam, m), tx)`` follows the same trajectory as
+  ``tx`` on ``jaxl2.regularized(loss, lam, m)``, for any ``tx``: the decay
+  enters before ``tx`` rescales the gradient. The selection comes from the
+  same mask resolver as `jaxl2.l2_penalty`.
+
+  Args:
+    lam: λ ≥ 0, or an optax schedule ``count -> λ`` (evaluated at the number
+      of updates applied so far, starting at 0).
+    m: the number of training inputs, > 0.
+    mask: which leaves, with what multiplier; as for `jaxl2.l2_penalty`.
+
+  Returns:
+    An `optax.GradientTransformation`; its ``update`` needs ``params``.
+
+  Raises:
+    ValueError: λ (or ``lam(0)``) negative or non-finite, ``m`` ≤ 0, at
+      construction; a bad mask at ``init``; ``update`` without ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jaxl2
+    >>> tx = optax.chain(jaxl2.add_l2_grad(0.1, 10), optax.sgd(1.0))
+    >>> params = {"w": jnp.ones((1, 2))}
+    >>> updates, _ = tx.update({"w": jnp.zeros((1, 2))}, tx.init(params), params)
+    >>> updates["w"]  # -lr · (λ/m) · W
+    Array([[-0.01, -0.01]], dtype=float32)
+  """
+  _check_lam_or_schedule(lam)
+  check_m(m)
+  return _coupled(
+    "add_l2_grad",
+    lam,
+    lambda params, lam_t: l2_penalty_grad(params, lam_t, m, mask=mask),
+    lambda params: resolve(params, mask),
+  )
+
+
+def l2_sp_grad(
+  anchor: Any, lam: float | Schedule, m: float, *, mask: MaskSpec = None
+) -> optax.GradientTransformation:
+  r"""Adds the L2-SP penalty's gradient (λ/m) · c_j · (W_j − W₀_j) to the updates.
+
+  ``optax.chain(l2_sp_grad(anchor, lam, m), tx)`` follows the same trajectory
+  as ``tx`` on ``loss + jaxl2.l2_sp_penalty(params, anchor, lam, m)``: weights
+  are pulled toward the pretrained ``anchor`` instead of toward zero.
+
+  Args:
+    anchor: the pretrained weights W₀, a pytree with the structure and leaf
+      shapes of the params.
+    lam, m, mask: as for `jaxl2.add_l2_grad`.
+
+  Returns:
+    An `optax.GradientTransformation`; its ``update`` needs ``params``.
+
+  Raises:
+    ValueError: as `jaxl2.add_l2_grad`; an ``anchor`` that does not match
+      the params (at ``init``).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jaxl2
+    >>> anchor = {"w": jnp.ones((1, 2))}
+    >>> tx = optax.chain(jaxl2.l2_sp_grad(anchor, 0.1, 10), optax.sgd(1.0))
+    >>> params = {"w": jnp.full((1, 2), 3.0)}
+    >>> updates, _ = tx.update({"w": jnp.zeros((1, 2))}, tx.init(params), params)
+    >>> updates["w"]  # -lr · (λ/m) · (W − W₀)
+    Array([[-0.02, -0.02]], dtype=float32)
+  """
+  _check_lam_or_schedule(lam)
+  check_m(m)
+  return _coupled(
+    "l2_sp_grad",
+    lam,
+    lambda params, lam_t: l2_sp_penalty_grad(params, anchor, lam_t, m, mask=mask),
+    lambda params: anchor_values(resolve(params, mask), anchor),
+  )
+
+
+# ---- λ in other frameworks' units ---------------------------------------------
+
+
+def to_weight_decay(lam: float, m: float) -> float:
+  r"""λ/m: the weight-decay rate equal to the L2 penalty under plain SGD.
+
+  Targets torch ``SGD(params, lr, weight_decay=to_weight_decay(lam, m))``
+  (which adds ``weight_decay · w`` to the gradient) and
+  ``optax.chain(optax.add_decayed_weights(to_weight_decay(lam, m), mask), optax.sgd(lr))``.
+  Both equal SGD on ``loss + (λ/2m)·Σ‖W‖²``. Under Adam the same rate in
+  torch ``Adam(weight_decay=…)`` is still coupled L2, but in ``AdamW`` /
+  `optax.adamw` it is decoupled decay, which is *not* this penalty.
+
+  Example:
+    >>> to_weight_decay(0.5, 1000)
+    0.0005
+  """
+  check_lam(lam)
+  check_m(m)
+  return float(lam) / float(m)
+
+
+def to_keras_l2(lam: float, m: float) -> float:
+  r"""λ/2m: Keras ``regularizers.L2(l2=…)``, which adds ``l2 · Σ w²`` (no ½ there).
+
+  Keras adds the term to the batch-mean loss, so ``l2 = λ/2m`` gives
+  ``mean loss + (λ/2m)·Σ‖W‖²``. The same factor is the multiplier of
+  ``tf.nn.l2_loss(w) = Σ w²/2`` when written as ``(λ/m) · tf.nn.l2_loss(w)``.
+
+  Example:
+    >>> to_keras_l2(0.5, 1000)
+    0.00025
+  """
+  check_lam(lam)
+  check_m(m)
+  return float(lam) / (2.0 * float(m))
+
+
+def to_sklearn_alpha(lam: float) -> float:
+  r"""λ/2: scikit-learn ``Ridge(alpha=…)``, which minimizes ``‖y − Xw‖² + α‖w‖²``.
+
+  Dividing by m shows that objective equals m · [mean((y − ŷ)²) + (λ/2m)‖w‖²]
+  with α = λ/2, so both have the same optimum (Ridge leaves the intercept
+  unpenalized; use a mask that does too).
+
+  Example:
+    >>> to_sklearn_alpha(0.5)
+    0.25
+  """
+  check_lam(lam)
+  return float(lam) / 2.0
+
+
+def to_sklearn_C(lam: float) -> float:
+  r"""1/λ: scikit-learn ``LogisticRegression(C=…)``, which minimizes ``C·Σ logloss + ½‖w‖²``.
+
+  Multiplying that by λ/m gives mean log-loss + (λ/2m)‖w‖², so both have the
+  same optimum (the intercept is unpenalized in both). λ = 0 gives ``inf``:
+  use ``LogisticRegression(penalty=None)`` there.
+
+  Example:
+    >>> to_sklearn_C(0.5)
+    2.0
+  """
+  check_lam(lam)
+  return math.inf if float(lam) == 0.0 else 1.0 / float(lam)

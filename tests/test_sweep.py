@@ -1,0 +1,142 @@
+"""sweep: each λ's model equals training that λ alone; sharding changes nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxl2
+from tests import helpers
+
+LAMS = [0.0, 0.3, 3.0]
+SEEDS = (0, 1)
+STEPS = 40
+
+
+def _problem():
+  model = helpers.MLP(features=(16, 10))
+  data = jaxl2.load_digits(train_size=60, val_size=100, seed=1)
+
+  def init_fn(key):
+    return model.init(key, jnp.ones((1, 64)))["params"]
+
+  def apply_fn(p, x):
+    return model.apply({"params": p}, x)
+
+  def xent(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  return init_fn, apply_fn, xent, data
+
+
+def _sweep(**kw):
+  init_fn, apply_fn, xent, data = _problem()
+  return jaxl2.sweep(
+    init_fn,
+    apply_fn,
+    xent,
+    optax.adam(1e-2),
+    (data.x_train, data.y_train),
+    (data.x_val, data.y_val),
+    lams=LAMS,
+    steps=STEPS,
+    seeds=SEEDS,
+    **kw,
+  )
+
+
+def test_each_lam_equals_training_it_alone():
+  result = _sweep(chunks=4)
+  init_fn, apply_fn, xent, data = _problem()
+  train = jaxl2.make_train_step(apply_fn, xent, optax.adam(1e-2), lam=0.0, m=len(data.y_train))
+  for i, lam in enumerate(LAMS):
+    for j, seed in enumerate(SEEDS):
+      state = train.init(init_fn(jax.random.key(seed)), lam=lam)
+      for _ in range(STEPS):
+        state, _ = train(state, (data.x_train, data.y_train))
+      alone = state.params
+      swept = jax.tree_util.tree_map(lambda x, i=i, j=j: x[i, j], result.params)
+      # float32, 40 Adam steps; vmap batches the matmuls, which may reorder sums: 1e-5.
+      helpers.assert_trees_close(swept, alone, rtol=1e-5, atol=1e-6)
+      sq = float(jaxl2.weight_sq_norm(alone))
+      np.testing.assert_allclose(result.weight_sq_norm[i, j], sq, rtol=1e-5)
+      np.testing.assert_allclose(result.penalty[i, j], lam / (2 * 60) * sq, rtol=1e-5, atol=1e-9)
+      logits = apply_fn(alone, data.x_val)
+      np.testing.assert_allclose(
+        result.val_accuracy[i, j],
+        np.mean(np.argmax(logits, -1) == np.asarray(data.y_val)),
+        atol=1.5 / len(data.y_val),  # at most one borderline prediction may flip
+      )
+
+
+def test_result_shapes_best_lam_and_dict():
+  result = _sweep()
+  assert result.val_loss.shape == (3, 2) and result.params["Dense_0"]["kernel"].shape[:2] == (3, 2)
+  assert result.best_lam == LAMS[int(np.argmin(result.val_loss.mean(axis=1)))]
+  norms = result.weight_sq_norm.mean(axis=1)
+  assert norms[0] > norms[1] > norms[2]  # Σ‖W‖² falls as λ grows
+  d = json.loads(json.dumps(result.to_dict()))
+  assert d["lambdas"] == LAMS and d["best_lam"] == result.best_lam and d["m"] == 60
+  assert [r["lam"] for r in d["results"]] == LAMS
+  np.testing.assert_allclose(d["results"][1]["val_loss"], result.val_loss[1].mean(), rtol=1e-6)
+
+
+def test_progress_is_reported_per_chunk():
+  calls = []
+  _sweep(chunks=4, progress=lambda done, total: calls.append((done, total)))
+  assert calls == [(10, 40), (20, 40), (30, 40), (40, 40)]
+
+
+@pytest.mark.parametrize(
+  ("kw", "message"),
+  [
+    ({"lams": []}, "`lams` must hold at least one λ"),
+    ({"lams": [0.1, -1.0]}, "`lams[1]` must be a finite number >= 0; got -1.0"),
+    ({"steps": 0}, "`steps` must be an integer >= 1"),
+    ({"steps": 10, "chunks": 3}, "`chunks` must be a positive divisor of `steps` (10)"),
+    ({"seeds": ()}, "`seeds` must hold at least one seed"),
+  ],
+)
+def test_bad_arguments(kw, message):
+  init_fn, apply_fn, xent, data = _problem()
+  args = {"lams": LAMS, "steps": STEPS, **kw}
+  with pytest.raises(ValueError, match=re.escape(message)):
+    jaxl2.sweep(
+      init_fn,
+      apply_fn,
+      xent,
+      optax.sgd(0.1),
+      (data.x_train, data.y_train),
+      (data.x_val, data.y_val),
+      **args,
+    )
+
+
+def test_sharded_over_two_cpu_devices_equals_one_device():
+  single = _sweep()
+  # A fresh process: the device count is fixed when JAX starts.
+  code = textwrap.dedent(
+    """
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import json, jax, numpy as np
+    from tests.test_sweep import _sweep
+    assert len(jax.devices()) == 2
+    r = _sweep()
+    print(json.dumps({"val_loss": r.val_loss.tolist(), "sq": r.weight_sq_norm.tolist()}))
+    """
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  sharded = json.loads(out.stdout.strip().splitlines()[-1])
+  # Same programs, partitioned along the model axis only: float32 noise at most.
+  np.testing.assert_allclose(sharded["val_loss"], single.val_loss, rtol=1e-5)
+  np.testing.assert_allclose(sharded["sq"], single.weight_sq_norm, rtol=1e-5)
