@@ -24,7 +24,7 @@ from jax.experimental import checkify
 from jaxl2._checks import check_lam, check_m, check_real_scalar
 from jaxl2._masks import MaskSpec, Selection, resolve
 from jaxl2._paths import Leaf, flatten
-from jaxl2._penalties import accumulation_dtype
+from jaxl2._penalties import accumulation_dtype, conj_upcast, grad_tree, upcast
 from jaxl2._reduce import abs_values, squares, weighted_sum
 
 __all__ = [
@@ -36,20 +36,7 @@ __all__ = [
   "l2_sp_penalty_grad",
 ]
 
-# Maps one selected leaf W_j (in its own dtype), its anchor W₀_j (None but for
-# L2-SP) and its coefficient (λ/m)·c_j to its gradient in the accumulation dtype.
-LeafGrad = Callable[[jax.Array, Any, jax.Array], jax.Array]
-
-
 # ---- shared plumbing -------------------------------------------------------------
-
-
-def _upcast(x: Any, acc: jnp.dtype) -> jax.Array:
-  """``x`` in the accumulation precision: ``acc``, or its complex counterpart."""
-  x = jnp.asarray(x)
-  if jnp.iscomplexobj(x):
-    return x.astype(jnp.complex128 if acc == jnp.float64 else jnp.complex64)
-  return x.astype(acc)
 
 
 def _setup(params: Any, lam: Any, m: Any, mask: MaskSpec) -> tuple[Selection, jnp.dtype, jax.Array]:
@@ -69,43 +56,17 @@ def _sum(selection: Selection, elementwise: Callable[..., jax.Array], acc: jnp.d
   )
 
 
-def _grad_tree(
-  selection: Selection,
-  scale: jax.Array,
-  acc: jnp.dtype,
-  leaf_grad: LeafGrad,
-  anchors: list[Any] | None = None,
-) -> Any:
-  """``leaf_grad`` on the selected leaves (cast back to each leaf's dtype), zeros elsewhere."""
-  anchors = anchors if anchors is not None else [None] * len(selection.leaves)
-  out = []
-  for leaf, ref, multiplier in zip(selection.leaves, anchors, selection.multipliers, strict=True):
-    value = jnp.asarray(leaf.value)
-    if multiplier == 0.0:
-      out.append(jnp.zeros_like(value))
-      continue
-    coef = scale if multiplier == 1.0 else scale * jnp.asarray(multiplier, acc)
-    out.append(leaf_grad(value, ref, coef).astype(value.dtype))
-  return jax.tree_util.tree_unflatten(selection.treedef, out)
-
-
 def _abs_grad(value: jax.Array, acc: jnp.dtype) -> jax.Array:
   """∂|w|/∂w exactly as `jax.grad` of `jnp.abs` computes it, in the accumulation dtype.
 
   Real w: +1 where w ≥ 0 (so +1 at w = 0 and at -0.0), else -1 (NaN included).
   Complex w: conj(w)/|w|, and 0 at w = 0.
   """
-  x = _upcast(value, acc)
+  x = upcast(value, acc)
   if jnp.iscomplexobj(x):
     modulus = jnp.abs(x)
     return jnp.conj(x) / jnp.where(modulus == 0, 1, modulus).astype(x.dtype)
   return jnp.where(x >= 0, 1, -1).astype(acc)
-
-
-def _conj_upcast(value: jax.Array, acc: jnp.dtype) -> jax.Array:
-  """w, or conj(w) for complex w: JAX's gradient of ½|w|²."""
-  x = _upcast(value, acc)
-  return jnp.conj(x) if jnp.iscomplexobj(x) else x
 
 
 # ---- L1 --------------------------------------------------------------------------
@@ -169,7 +130,7 @@ def l1_penalty_grad(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> 
     {'w': Array([[-0.25,  0.25,  0.25]], dtype=float32)}
   """
   selection, acc, scale = _setup(params, lam, m, mask)
-  return _grad_tree(selection, scale, acc, lambda w, _, coef: coef * _abs_grad(w, acc))
+  return grad_tree(selection, scale, acc, lambda w, _, coef: coef * _abs_grad(w, acc))
 
 
 # ---- elastic net -------------------------------------------------------------------
@@ -255,9 +216,9 @@ def elastic_net_penalty_grad(
   rho = jnp.asarray(l1_ratio).astype(acc)
 
   def leaf_grad(w: jax.Array, _: Any, coef: jax.Array) -> jax.Array:
-    return coef * (rho * _abs_grad(w, acc) + (1 - rho) * _conj_upcast(w, acc))
+    return coef * (rho * _abs_grad(w, acc) + (1 - rho) * conj_upcast(w, acc))
 
-  return _grad_tree(selection, scale, acc, leaf_grad)
+  return grad_tree(selection, scale, acc, leaf_grad)
 
 
 # ---- L2-SP -------------------------------------------------------------------------
@@ -364,7 +325,7 @@ def l2_sp_penalty(
   diffs, multipliers = [], []
   for leaf, ref, multiplier in zip(selection.leaves, anchors, selection.multipliers, strict=True):
     if multiplier != 0.0:
-      diffs.append(_upcast(leaf.value, acc) - _upcast(ref, acc))
+      diffs.append(upcast(leaf.value, acc) - upcast(ref, acc))
       multipliers.append(multiplier)
   return scale / 2 * weighted_sum(diffs, multipliers, squares, acc)
 
@@ -394,6 +355,6 @@ def l2_sp_penalty_grad(params: Any, anchor: Any, lam: Any, m: Any, *, mask: Mask
   selection, acc, scale, anchors = _l2_sp_setup(params, anchor, lam, m, mask)
 
   def leaf_grad(w: jax.Array, w0: Any, coef: jax.Array) -> jax.Array:
-    return coef * (_conj_upcast(w, acc) - _conj_upcast(w0, acc))
+    return coef * (conj_upcast(w, acc) - conj_upcast(w0, acc))
 
-  return _grad_tree(selection, scale, acc, leaf_grad, anchors)
+  return grad_tree(selection, scale, acc, leaf_grad, anchors)

@@ -19,12 +19,16 @@ from jaxl2._masks import MaskSpec, Selection, resolve
 from jaxl2._reduce import squares, weighted_sum
 
 __all__ = [
+  "LeafGrad",
   "accumulation_dtype",
+  "conj_upcast",
+  "grad_tree",
   "l2_from_sq_norm",
   "l2_penalty",
   "l2_penalty_grad",
   "regularized",
   "sum_of_squares",
+  "upcast",
   "weight_sq_norm",
 ]
 
@@ -121,6 +125,45 @@ def l2_penalty(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> jax.A
   return l2_from_sq_norm(weight_sq_norm(params, mask=mask), lam, m)
 
 
+# Maps one selected leaf W_j (in its own dtype), its anchor W₀_j (None but for
+# L2-SP) and its coefficient (λ/m)·c_j to its gradient in the accumulation dtype.
+LeafGrad = Callable[[jax.Array, Any, jax.Array], jax.Array]
+
+
+def upcast(x: Any, acc: jnp.dtype) -> jax.Array:
+  """``x`` in the accumulation precision: ``acc``, or its complex counterpart."""
+  x = jnp.asarray(x)
+  if jnp.iscomplexobj(x):
+    return x.astype(jnp.complex128 if acc == jnp.float64 else jnp.complex64)
+  return x.astype(acc)
+
+
+def conj_upcast(value: jax.Array, acc: jnp.dtype) -> jax.Array:
+  """w, or conj(w) for complex w: JAX's gradient of ½|w|²."""
+  x = upcast(value, acc)
+  return jnp.conj(x) if jnp.iscomplexobj(x) else x
+
+
+def grad_tree(
+  selection: Selection,
+  scale: jax.Array,
+  acc: jnp.dtype,
+  leaf_grad: LeafGrad,
+  anchors: list[Any] | None = None,
+) -> Any:
+  """``leaf_grad`` on the selected leaves (cast back to each leaf's dtype), zeros elsewhere."""
+  anchors = anchors if anchors is not None else [None] * len(selection.leaves)
+  out = []
+  for leaf, ref, multiplier in zip(selection.leaves, anchors, selection.multipliers, strict=True):
+    value = jnp.asarray(leaf.value)
+    if multiplier == 0.0:
+      out.append(jnp.zeros_like(value))
+      continue
+    coef = scale if multiplier == 1.0 else scale * jnp.asarray(multiplier, acc)
+    out.append(leaf_grad(value, ref, coef).astype(value.dtype))
+  return jax.tree_util.tree_unflatten(selection.treedef, out)
+
+
 def l2_penalty_grad(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> Any:
   r"""The analytic gradient of `l2_penalty`: (λ/m) · c_j · W_j, zeros elsewhere.
 
@@ -147,18 +190,7 @@ def l2_penalty_grad(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> 
   selection = resolve(params, mask)
   acc = accumulation_dtype(selection)
   scale = _scalar(lam, acc) / _scalar(m, acc)
-  out = []
-  for leaf, multiplier in zip(selection.leaves, selection.multipliers, strict=True):
-    value = jnp.asarray(leaf.value)
-    if multiplier == 0.0:
-      out.append(jnp.zeros_like(value))
-      continue
-    coef = scale if multiplier == 1.0 else scale * jnp.asarray(multiplier, acc)
-    if jnp.iscomplexobj(value):
-      out.append((coef * jnp.conj(value)).astype(value.dtype))
-    else:
-      out.append((coef * value.astype(acc)).astype(value.dtype))
-  return jax.tree_util.tree_unflatten(selection.treedef, out)
+  return grad_tree(selection, scale, acc, lambda w, _, coef: coef * conj_upcast(w, acc))
 
 
 def regularized(
