@@ -32,6 +32,7 @@ from jaxl2._transforms import (
   to_sklearn_C,
   to_weight_decay,
 )
+from jaxl2._verify import VerifyReport, VerifyRow, verify_penalty, verify_update
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,8 @@ __all__ = [
   "SweepResult",
   "TrainState",
   "TrainStep",
+  "VerifyReport",
+  "VerifyRow",
   "__version__",
   "accuracy",
   "add_l2_grad",
@@ -69,5 +72,7 @@ __all__ = [
   "to_sklearn_C",
   "to_sklearn_alpha",
   "to_weight_decay",
+  "verify_penalty",
+  "verify_update",
   "weight_sq_norm",
 ]

@@ -45,7 +45,7 @@ MaskSpec: TypeAlias = "LeafMask | Callable[[Any], Any] | Any | None"
 _HOW_TO_CHECK = "Check what is selected with `jaxl2.describe(params, mask=...)`."
 
 
-def _is_inexact(leaf: Any) -> bool:
+def is_inexact(leaf: Any) -> bool:
   dtype = getattr(leaf, "dtype", None)
   if dtype is None:
     return isinstance(leaf, (float, complex)) and not isinstance(leaf, bool)
@@ -69,7 +69,7 @@ def by_ndim(min_ndim: int = 2) -> LeafMask:
 
   def mask(path: str, leaf: Any) -> bool:
     del path
-    return _is_inexact(leaf) and np.ndim(leaf) >= min_ndim
+    return is_inexact(leaf) and np.ndim(leaf) >= min_ndim
 
   mask.__qualname__ = f"by_ndim({min_ndim})"
   return mask
@@ -83,7 +83,7 @@ def all_floating(path: str, leaf: Any) -> bool:
     (True, False)
   """
   del path
-  return _is_inexact(leaf)
+  return is_inexact(leaf)
 
 
 def by_name(*names: str) -> LeafMask:
@@ -271,7 +271,7 @@ def resolve(params: Any, mask: MaskSpec = None, *, allow_empty: bool = False) ->
     multipliers = _multipliers_from_tree(mask_tree, params, len(leaves))
 
   for leaf, multiplier in zip(leaves, multipliers, strict=True):
-    if multiplier != 0.0 and not _is_inexact(leaf.value):
+    if multiplier != 0.0 and not is_inexact(leaf.value):
       dtype = getattr(leaf.value, "dtype", type(leaf.value).__name__)
       raise TypeError(
         f"leaf at {leaf.path!r} has dtype {dtype}; only floating or complex leaves can be "

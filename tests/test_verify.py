@@ -1,0 +1,472 @@
+"""verify_penalty / verify_update: planted regularization mistakes, each diagnosed by name.
+
+Everything runs in float32, as users run it. Tolerances: a correct setup must
+come out ``ok`` at the default ``rtol=1e-3``; measured factors are asserted to
+rtol 1e-5 for penalties and SGD (exact up to float32 rounding) and 1e-3 for
+Adam (a small-perturbation response).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxl2
+from tests import helpers
+
+LAM, M, BATCH, LR = 0.5, 1000.0, 32, 0.05
+
+
+def _paths(tree):
+  return list(helpers.leaves_by_path(tree))
+
+
+def _mlp():
+  """Linen MLP (zero-initialized biases), its params and its mean-squared data loss."""
+  params, _, _, _, data_loss = helpers.mlp_problem(n=BATCH)
+  return params, data_loss
+
+
+def _sum_sq(params, keep):
+  """Σ‖W‖² over the leaves whose path passes ``keep``, written as users write it."""
+  leaves = helpers.leaves_by_path(params)
+  return sum(jnp.sum(w**2) for path, w in leaves.items() if keep(path))
+
+
+def _statuses(report):
+  return {row.path: row.status for row in report.rows}
+
+
+def _row(report, path):
+  (row,) = [row for row in report.rows if row.path == path]
+  return row
+
+
+def _kernels(report):
+  return [row for row in report.rows if row.path.endswith("kernel")]
+
+
+# ---- verify_penalty: correct setups are ok -----------------------------------------
+
+
+def test_jaxl2_regularized_is_ok():
+  params, data_loss = _mlp()
+  report = jaxl2.verify_penalty(
+    lambda p, lam: jaxl2.regularized(data_loss, lam, M)(p), params, LAM, M
+  )
+  assert report.ok, str(report)
+  assert report.verdict.startswith("OK: 3 of 6 leaves penalized")
+  for row in _kernels(report):
+    np.testing.assert_allclose(row.factor, 1.0, rtol=1e-5)  # float32 rounding only
+    assert row.misfit < 1e-5
+
+
+def test_hand_written_penalty_is_ok_where_a_float32_difference_is_noise():
+  # λ/m = 1e-9: the penalty gradient is ~1e-8 of the data gradient, far below
+  # float32 resolution, yet d/dλ of the gradient sees it exactly.
+  params, data_loss = _mlp()
+  lam, m = 6e-5, 60_000.0
+
+  def loss(p, lam):
+    return data_loss(p) + lam / (2 * m) * _sum_sq(p, lambda path: path.endswith("kernel"))
+
+  naive = jax.tree_util.tree_map(
+    lambda a, b: a - b, jax.grad(loss)(params, lam), jax.grad(loss)(params, 0.0)
+  )
+  intended = jaxl2.l2_penalty_grad(params, lam, m)
+  kernel = ("Dense_0", "kernel")
+  error = np.abs(naive[kernel[0]][kernel[1]] - intended[kernel[0]][kernel[1]]).max()
+  assert error > 0.5 * np.abs(intended[kernel[0]][kernel[1]]).max()  # the difference is noise
+
+  report = jaxl2.verify_penalty(loss, params, lam, m)
+  assert report.ok, str(report)
+  for row in _kernels(report):
+    np.testing.assert_allclose(row.factor, 1.0, rtol=1e-5)
+
+
+def test_multipliers_are_part_of_the_intent():
+  params, data_loss = _mlp()
+  mask = jaxl2.by_regex({r".*kernel": 1.0, r".*bias": 0.25})
+  report = jaxl2.verify_penalty(
+    lambda p, lam: jaxl2.regularized(data_loss, lam, M, mask=mask)(p), params, LAM, M, mask=mask
+  )
+  assert report.ok, str(report)
+  assert _row(report, "Dense_0/bias").intended == 0.25
+  np.testing.assert_allclose(_row(report, "Dense_0/bias").found, 0.25, rtol=1e-5)
+
+
+def test_nnx_module_is_ok():
+  model = helpers.nnx_net()
+  x = jnp.ones((4, 5))
+
+  def loss(module, lam):
+    return jnp.mean(module(x) ** 2) + jaxl2.l2_penalty(module, lam, M)
+
+  report = jaxl2.verify_penalty(loss, model, LAM, M)
+  assert report.ok, str(report)
+  assert {"dense1/kernel", "dense2/kernel", "bn/mean"} <= set(_statuses(report))
+  assert not any("count" in path or "key" in path for path in _statuses(report))  # not floats
+
+
+def test_float64_is_ok():
+  with jax.enable_x64(True):
+    params, _, _, _, data_loss = helpers.mlp_problem(dtype=jnp.float64)
+    report = jaxl2.verify_penalty(
+      lambda p, lam: jaxl2.regularized(data_loss, lam, M)(p), params, LAM, M
+    )
+  assert report.ok, str(report)
+  for row in _kernels(report):
+    np.testing.assert_allclose(row.factor, 1.0, rtol=1e-12)
+
+
+# ---- verify_penalty: planted mistakes ------------------------------------------------
+
+
+def test_decayed_bias_is_unexpected_even_at_zero_init():
+  params, data_loss = _mlp()  # biases are zeros here: the check redraws them
+  assert not np.any(params["Dense_0"]["bias"])
+
+  def loss(p, lam):
+    return data_loss(p) + lam / (2 * M) * _sum_sq(p, lambda path: True)
+
+  report = jaxl2.verify_penalty(loss, params, LAM, M)
+  assert not report.ok
+  for path, status in _statuses(report).items():
+    assert status == ("unexpected" if path.endswith("bias") else "ok"), path
+  bias = _row(report, "Dense_1/bias")
+  np.testing.assert_allclose(bias.found, 1.0, rtol=1e-5)
+  assert "a bias is penalized" in bias.note
+  assert report.verdict == "FAILED: 3 of 6 leaves wrong (3 unexpected)."
+
+
+def test_decayed_layernorm_scale_is_unexpected():
+  variables = helpers.linen_cnn_variables()
+  params, stats = variables["params"], variables["batch_stats"]
+  x = jax.random.normal(jax.random.key(0), (BATCH, 6, 6, 1))
+
+  def loss(p, lam):
+    out = helpers.CNN().apply({"params": p, "batch_stats": stats}, x)
+    user_mask = jaxl2.by_regex(r".*(kernel|LayerNorm_0/scale)")  # the scale slipped in
+    return jnp.mean(out**2) + jaxl2.l2_penalty(p, lam, M, mask=user_mask)
+
+  report = jaxl2.verify_penalty(loss, params, LAM, M)
+  failures = {row.path: row for row in report.failures}
+  assert list(failures) == ["LayerNorm_0/scale"]
+  assert failures["LayerNorm_0/scale"].status == "unexpected"
+  assert "a norm scale is penalized" in failures["LayerNorm_0/scale"].note
+  assert _statuses(report)["BatchNorm_0/scale"] == "ok"
+
+
+def test_user_mask_that_matches_nothing():
+  params, data_loss = _mlp()
+
+  def loss(p, lam):  # linen calls it "kernel", not "weight": nothing is penalized
+    return data_loss(p) + lam / (2 * M) * _sum_sq(p, lambda path: re.fullmatch(".*/weight", path))
+
+  report = jaxl2.verify_penalty(loss, params, LAM, M)
+  assert {row.status for row in _kernels(report)} == {"missing"}
+  assert report.verdict.startswith("FAILED: no leaf is penalized: a mask that matches nothing?")
+
+
+def test_intended_mask_that_matches_nothing_raises():
+  params, data_loss = _mlp()
+  with pytest.raises(ValueError, match="selected no parameters"):
+    jaxl2.verify_penalty(lambda p, lam: data_loss(p), params, LAM, M, mask=jaxl2.by_name("weight"))
+
+
+def test_factor_two_is_named():
+  params, data_loss = _mlp()
+
+  def loss(p, lam):  # the ½ is missing
+    return data_loss(p) + lam / M * _sum_sq(p, lambda path: path.endswith("kernel"))
+
+  report = jaxl2.verify_penalty(loss, params, LAM, M)
+  for row in _kernels(report):
+    assert row.status == "scaled"
+    np.testing.assert_allclose(row.factor, 2.0, rtol=1e-5)
+    assert row.note == "λ/m used instead of λ/2m"
+
+
+def _batch_normalized_loss(data_loss):
+  def loss(p, lam):  # divided by the batch size, not by the training-set size
+    return data_loss(p) + lam / (2 * BATCH) * _sum_sq(p, lambda path: path.endswith("kernel"))
+
+  return loss
+
+
+def test_batch_size_normalization_is_named():
+  params, data_loss = _mlp()
+  report = jaxl2.verify_penalty(_batch_normalized_loss(data_loss), params, LAM, M, batch_size=BATCH)
+  for row in _kernels(report):
+    assert row.status == "scaled"
+    np.testing.assert_allclose(row.factor, M / BATCH, rtol=1e-5)
+    assert "normalized by the batch size" in row.note
+    assert row.note.startswith("λ/2b used instead of λ/2m")
+
+
+def test_batch_factor_without_batch_size_is_just_scaled():
+  params, data_loss = _mlp()
+  report = jaxl2.verify_penalty(_batch_normalized_loss(data_loss), params, LAM, M)
+  row = _kernels(report)[0]
+  assert row.status == "scaled"
+  np.testing.assert_allclose(row.factor, M / BATCH, rtol=1e-5)
+  assert "×31.25 the intended strength" in row.note
+  assert "pass `batch_size=`" in row.note
+
+
+def test_l1_instead_of_l2_differs():
+  params, data_loss = _mlp()
+
+  def loss(p, lam):
+    return data_loss(p) + jaxl2.l1_penalty(p, lam, M)
+
+  report = jaxl2.verify_penalty(loss, params, LAM, M)
+  for row in _kernels(report):
+    assert row.status == "differs"
+    assert "not proportional to (λ/m)·W" in row.note
+
+
+def test_non_finite_penalty_gradient_differs():
+  params = {"w": -jnp.ones((2, 2))}
+  report = jaxl2.verify_penalty(lambda p, lam: lam * jnp.sum(jnp.sqrt(p["w"])), params, LAM, M)
+  assert _statuses(report) == {"w": "differs"}
+  assert "non-finite" in report.rows[0].note
+
+
+# ---- verify_update ---------------------------------------------------------------------
+
+
+def _mask(params):
+  return helpers.kernel_mask(params)
+
+
+@pytest.mark.parametrize(
+  ("name", "make"),
+  [
+    (
+      "add_decayed_weights + sgd",
+      lambda p: (
+        optax.chain(
+          optax.add_decayed_weights(jaxl2.to_weight_decay(LAM, M), _mask(p)), optax.sgd(LR)
+        ),
+        optax.sgd(LR),
+      ),
+    ),
+    (
+      "add_decayed_weights + sgd with momentum",
+      lambda p: (
+        optax.chain(
+          optax.add_decayed_weights(jaxl2.to_weight_decay(LAM, M), _mask(p)),
+          optax.sgd(LR, momentum=0.9),
+        ),
+        optax.sgd(LR, momentum=0.9),
+      ),
+    ),
+    (
+      "add_l2_grad + adam",
+      lambda p: (optax.chain(jaxl2.add_l2_grad(LAM, M), optax.adam(LR)), optax.adam(LR)),
+    ),
+    (
+      "add_decayed_weights + adam",
+      lambda p: (
+        optax.chain(
+          optax.add_decayed_weights(jaxl2.to_weight_decay(LAM, M), _mask(p)), optax.adam(LR)
+        ),
+        optax.adam(LR),
+      ),
+    ),
+    (
+      "decoupled decay under plain sgd is coupled L2",
+      lambda p: (
+        optax.chain(
+          optax.sgd(LR), optax.add_decayed_weights(-LR * jaxl2.to_weight_decay(LAM, M), _mask(p))
+        ),
+        optax.sgd(LR),
+      ),
+    ),
+  ],
+)
+def test_correct_updates_are_ok(name, make):
+  params, _ = _mlp()
+  tx, base_tx = make(params)
+  report = jaxl2.verify_update(tx, base_tx, params, LAM, M)
+  assert report.ok, f"{name}\n{report}"
+  for row in _kernels(report):
+    np.testing.assert_allclose(row.factor, 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda wd, mask: optax.adamw(LR, weight_decay=wd, mask=mask),
+    lambda wd, mask: optax.chain(
+      optax.scale_by_adam(), optax.add_decayed_weights(wd, mask), optax.scale(-LR)
+    ),
+  ],
+  ids=["adamw", "add_decayed_weights after scale_by_adam"],
+)
+def test_decoupled_decay_under_adam_differs(make):
+  params, _ = _mlp()
+  tx = make(jaxl2.to_weight_decay(LAM, M), _mask(params))
+  report = jaxl2.verify_update(tx, optax.adam(LR), params, LAM, M)
+  assert not report.ok
+  for row in _kernels(report):
+    assert row.status == "differs"
+    assert row.note.startswith("decoupled decay")
+  assert {row.status for row in report.rows if row.path.endswith("bias")} == {"ok"}
+
+
+def test_decay_added_after_adam_has_the_wrong_sign_under_sgd():
+  params, _ = _mlp()
+  tx = optax.chain(
+    optax.sgd(LR), optax.add_decayed_weights(jaxl2.to_weight_decay(LAM, M), _mask(params))
+  )
+  report = jaxl2.verify_update(tx, optax.sgd(LR), params, LAM, M)
+  for row in _kernels(report):
+    assert row.status == "scaled"
+    np.testing.assert_allclose(row.factor, -1 / LR, rtol=1e-5)
+    assert "opposite sign" in row.note
+
+
+@pytest.mark.parametrize(("base", "rtol"), [(optax.sgd(LR), 1e-5), (optax.adam(LR), 1e-3)])
+def test_wrong_rate_is_scaled(base, rtol):
+  params, _ = _mlp()
+  wd = 2 * jaxl2.to_weight_decay(LAM, M)
+  report = jaxl2.verify_update(
+    optax.chain(optax.add_decayed_weights(wd, _mask(params)), base), base, params, LAM, M
+  )
+  for row in _kernels(report):
+    assert row.status == "scaled"
+    np.testing.assert_allclose(row.factor, 2.0, rtol=rtol)
+    assert row.note == "2λ/m used instead of λ/m"
+
+
+def test_batch_size_rate_is_named():
+  params, _ = _mlp()
+  tx = optax.chain(optax.add_decayed_weights(LAM / BATCH, _mask(params)), optax.sgd(LR))
+  report = jaxl2.verify_update(tx, optax.sgd(LR), params, LAM, M, batch_size=BATCH)
+  for row in _kernels(report):
+    assert row.status == "scaled"
+    assert "λ/b used instead of λ/m (normalized by the batch size" in row.note
+
+
+def test_decayed_bias_and_missing_decay_in_updates():
+  params, _ = _mlp()
+  wd = jaxl2.to_weight_decay(LAM, M)
+  unmasked = optax.chain(optax.add_decayed_weights(wd), optax.sgd(LR))
+  report = jaxl2.verify_update(unmasked, optax.sgd(LR), params, LAM, M)
+  assert {row.status for row in report.failures} == {"unexpected"}
+  assert all("a bias is decayed" in row.note for row in report.failures)
+
+  report = jaxl2.verify_update(optax.sgd(LR), optax.sgd(LR), params, LAM, M)
+  assert report.verdict.startswith("FAILED: no leaf is decayed: a mask that matches nothing?")
+
+
+def test_user_grads_and_sign_based_optimizers():
+  params, _ = _mlp()
+  grads = helpers.randomize(params, seed=3)
+  tx = optax.chain(jaxl2.add_l2_grad(LAM, M), optax.sgd(LR))
+  assert jaxl2.verify_update(tx, optax.sgd(LR), params, LAM, M, grads=grads).ok
+  # Lion uses only the sign of the gradient: a small decay changes nothing to compare.
+  lion = optax.chain(jaxl2.add_l2_grad(LAM, M), optax.lion(LR))
+  report = jaxl2.verify_update(lion, optax.lion(LR), params, LAM, M)
+  assert report.ok
+  assert all(row.note.startswith("untestable") for row in _kernels(report))
+  assert "untestable" in report.verdict
+
+
+# ---- the report ------------------------------------------------------------------------
+
+
+def test_report_str_ok_and_raise_if_failed():
+  params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+
+  def loss(p, lam):
+    return lam / (2 * M) * _sum_sq(p, lambda path: True)
+
+  report = jaxl2.verify_penalty(loss, params, LAM, M)
+  assert report.ok is False
+  text = str(report)
+  lines = text.splitlines()
+  assert lines[0].startswith("verify_penalty:") and "λ=0.5, m=1000, rtol=0.001" in lines[0]
+  assert lines[1].split() == ["path", "shape", "intended", "found", "status", "note"]
+  assert re.search(r"dense/bias\s+2\s+-\s+1\s+unexpected\s+a bias is penalized", text)
+  assert re.search(r"dense/kernel\s+3x2\s+1\s+1\s+ok", text)
+  assert lines[-1] == report.verdict == "FAILED: 1 of 2 leaves wrong (1 unexpected)."
+  with pytest.raises(ValueError) as info:
+    report.raise_if_failed()
+  assert str(info.value) == text
+
+  good = jaxl2.verify_penalty(lambda p, lam: jaxl2.l2_penalty(p, lam, M), params, LAM, M)
+  assert good.ok is True
+  assert good.failures == ()
+  good.raise_if_failed()  # no error
+  assert isinstance(good, jaxl2.VerifyReport)
+  assert all(isinstance(row, jaxl2.VerifyRow) for row in good.rows)
+
+
+# ---- bad inputs --------------------------------------------------------------------------
+
+
+_PARAMS = {"w": jnp.ones((2, 2))}
+
+
+def _ok_loss(p, lam):
+  return jaxl2.l2_penalty(p, lam, M)
+
+
+@pytest.mark.parametrize(
+  ("call", "error", "message"),
+  [
+    (lambda: jaxl2.verify_penalty(1.0, _PARAMS, LAM, M), TypeError, "`loss_fn` must be callable"),
+    (lambda: jaxl2.verify_penalty(_ok_loss, _PARAMS, -1.0, M), ValueError, "`lam` must be"),
+    (lambda: jaxl2.verify_penalty(_ok_loss, _PARAMS, "1", M), TypeError, "`lam` must be a real"),
+    (lambda: jaxl2.verify_penalty(_ok_loss, _PARAMS, LAM, 0), ValueError, "`m` (the number"),
+    (lambda: jaxl2.verify_penalty(_ok_loss, _PARAMS, LAM, M, rtol=2.0), ValueError, "`rtol`"),
+    (
+      lambda: jaxl2.verify_penalty(_ok_loss, _PARAMS, LAM, M, batch_size=0),
+      ValueError,
+      "`batch_size` must be a positive integer",
+    ),
+    (
+      lambda: jaxl2.verify_penalty(
+        lambda p, lam: jnp.where(lam > 0, 1.0, 0.0) * jnp.sum(p["w"]) if lam > 0 else 0.0,
+        _PARAMS,
+        LAM,
+        M,
+      ),
+      TypeError,
+      "must be differentiable in `lam`",
+    ),
+    (
+      lambda: jaxl2.verify_update(optax.sgd(LR).update, optax.sgd(LR), _PARAMS, LAM, M),
+      TypeError,
+      "`tx` must be an optax GradientTransformation",
+    ),
+    (
+      lambda: jaxl2.verify_update(optax.sgd(LR), None, _PARAMS, LAM, M),
+      TypeError,
+      "`base_tx` must be an optax GradientTransformation",
+    ),
+    (
+      lambda: jaxl2.verify_update(optax.sgd(LR), optax.sgd(LR), _PARAMS, LAM, -1.0),
+      ValueError,
+      "`m` (the number",
+    ),
+    (
+      lambda: jaxl2.verify_update(
+        optax.sgd(LR), optax.sgd(LR), _PARAMS, LAM, M, grads={"v": jnp.ones((2, 2))}
+      ),
+      ValueError,
+      "`grads` must have the structure of `params`",
+    ),
+  ],
+)
+def test_bad_inputs(call, error, message):
+  with pytest.raises(error, match=re.escape(message)):
+    call()
