@@ -99,7 +99,6 @@ def run_demo(
   def xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  chunks = next(c for c in (20, 10, 5, 4, 2, 1) if steps % c == 0)
   bar = None
   if show_progress:
     from tqdm.auto import tqdm
@@ -108,7 +107,8 @@ def run_demo(
     bar = tqdm(total=steps, desc=f"training {n_models} models", unit="step", file=sys.stderr)
 
   def progress(done: int, total: int) -> None:
-    if bar is not None:
+    # Several devices may report the same step: move the bar only forward.
+    if bar is not None and done > bar.n:
       bar.update(done - bar.n)
 
   result = sweep(
@@ -121,7 +121,6 @@ def run_demo(
     lams=list(lambdas),
     steps=steps,
     seeds=tuple(range(seed, seed + N_INIT_SEEDS)),
-    chunks=chunks,
     progress=progress,
   )
   if bar is not None:

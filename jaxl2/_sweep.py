@@ -95,7 +95,6 @@ def sweep(
   m: float | None = None,
   seeds: Sequence[int] = (0,),
   mask: MaskSpec = None,
-  chunks: int = 1,
   progress: Callable[[int, int], None] | None = None,
 ) -> SweepResult:
   r"""Trains one model per λ (and per seed) in one compiled program, full batch.
@@ -115,16 +114,16 @@ def sweep(
     steps: number of training steps per model.
     m: the number of training inputs; default ``len(train_data[1])``.
     seeds: one model per λ and seed.
-    chunks: run the steps in this many calls of the same compiled program
-      (for progress reporting); ``steps`` must divide evenly.
-    progress: called as ``progress(steps_done, steps)`` after each chunk.
+    progress: called as ``progress(steps_done, steps)`` from inside the
+      compiled program (`jax.debug.callback`) about 20 times during training
+      and once at the end; ``steps_done`` never decreases, but a value may be
+      reported more than once (once per device).
 
   Returns:
     A `SweepResult`; ``best_lam`` is chosen by the lowest mean validation loss.
 
   Raises:
-    ValueError: an empty or invalid λ grid, ``steps`` < 1, ``chunks`` not
-      dividing ``steps``, ``m`` ≤ 0.
+    ValueError: an empty or invalid λ grid, ``steps`` < 1, ``m`` ≤ 0.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, jaxl2
@@ -145,8 +144,6 @@ def sweep(
     raise ValueError("`lams` must hold at least one λ; got an empty sequence.")
   if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
     raise ValueError(f"`steps` must be an integer >= 1; got {steps!r}.")
-  if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or steps % chunks:
-    raise ValueError(f"`chunks` must be a positive divisor of `steps` ({steps}); got {chunks!r}.")
   seed_list = tuple(int(s) for s in seeds)
   if not seed_list:
     raise ValueError("`seeds` must hold at least one seed; got an empty sequence.")
@@ -161,19 +158,19 @@ def sweep(
   padded = math.ceil(n_models / n_dev) * n_dev  # pad so every device gets the same share
 
   lam_grid = np.repeat(np.asarray(lam_list, np.float32), n_seeds)
-  seed_grid = np.tile(np.asarray(seed_list), n_lams)
   lam_grid = np.concatenate([lam_grid, np.full(padded - n_models, lam_grid[-1], np.float32)])
-  seed_grid = np.concatenate([seed_grid, np.full(padded - n_models, seed_grid[-1])])
 
-  def init_one(seed: jax.Array, lam: jax.Array) -> TrainState:
-    params = init_fn(jax.random.key(seed))
+  # Initialized once per seed, outside the compiled program: initializers
+  # (truncated normals, threefry) cost far more to compile than to run, and
+  # every λ of a seed starts from the same weights anyway.
+  per_seed = [init_fn(jax.random.key(seed)) for seed in seed_list]
+  rows = np.concatenate(
+    [np.tile(np.arange(n_seeds), n_lams), np.full(padded - n_models, n_seeds - 1)]
+  )
+  params0 = jax.tree_util.tree_map(lambda *xs: np.stack(xs)[rows], *jax.device_get(per_seed))
+
+  def init_one(params: Any, lam: jax.Array) -> TrainState:
     return TrainState(params, optimizer.init(params), jnp.zeros([], jnp.int32), lam)
-
-  def run_chunk(state: TrainState, batch: Batch) -> TrainState:
-    def body(state: TrainState, _: None) -> tuple[TrainState, None]:
-      return train.step_fn(state, batch)[0], None
-
-    return jax.lax.scan(body, state, None, length=steps // chunks)[0]
 
   def evaluate(state: TrainState, train_batch: Batch, val_batch: Batch) -> dict[str, jax.Array]:
     out: dict[str, jax.Array] = {}
@@ -186,30 +183,42 @@ def sweep(
     out["penalty"] = l2_from_sq_norm(sq_norm, state.lam, m)
     return out
 
-  model_axis = NamedSharding(mesh, P("models")) if mesh is not None else None
-  replicated = NamedSharding(mesh, P()) if mesh is not None else None
+  every = max(1, steps // 20)
 
-  def compile_vmapped(fn: Callable[..., Any], n_shared: int, **kw: Any) -> Callable[..., Any]:
-    vmapped = jax.vmap(fn, in_axes=(0,) + (None,) * n_shared)
-    if mesh is None:
-      return jax.jit(vmapped, **kw)
-    return jax.jit(
-      vmapped,
-      in_shardings=(model_axis,) + (replicated,) * n_shared,
-      out_shardings=model_axis,
-      **kw,
-    )
-
-  init_all = jax.jit(jax.vmap(init_one), out_shardings=model_axis)
-  chunk_all = compile_vmapped(run_chunk, 1, donate_argnums=0)
-  eval_all = compile_vmapped(evaluate, 2)
-
-  state = init_all(jnp.asarray(seed_grid), jnp.asarray(lam_grid))
-  for done in range(chunks):
-    state = chunk_all(state, train_data)
+  def report(done: jax.Array) -> None:
     if progress is not None:
-      progress((done + 1) * (steps // chunks), steps)
-  metrics = jax.device_get(eval_all(state, train_data, val_data))
+      progress(int(done), steps)
+
+  def train_all(params: Any, lams_: jax.Array, train_batch: Batch, val_batch: Batch):
+    # One program: init, every step, evaluation. The scan is outside the model
+    # vmap, so the step counter is unbatched and the progress `cond` is real.
+    state = jax.vmap(init_one)(params, lams_)
+    step_all = jax.vmap(lambda s: train.step_fn(s, train_batch)[0])
+
+    def body(state: TrainState, i: jax.Array) -> tuple[TrainState, None]:
+      state = step_all(state)
+      if progress is not None:
+        done = i + 1
+        jax.lax.cond(
+          (done % every == 0) | (done == steps),
+          lambda: jax.debug.callback(report, done),
+          lambda: None,
+        )
+      return state, None
+
+    state, _ = jax.lax.scan(body, state, jnp.arange(steps))
+    return state.params, jax.vmap(evaluate, in_axes=(0, None, None))(state, train_batch, val_batch)
+
+  if mesh is None:
+    compiled = jax.jit(train_all)
+  else:
+    models, replicated = NamedSharding(mesh, P("models")), NamedSharding(mesh, P())
+    compiled = jax.jit(
+      train_all,
+      in_shardings=(models, models, replicated, replicated),
+      out_shardings=(models, models),
+    )
+  params, metrics = jax.device_get(compiled(params0, jnp.asarray(lam_grid), train_data, val_data))
 
   def grid(values: Any) -> np.ndarray:
     return np.asarray(values)[:n_models].reshape(n_lams, n_seeds, *np.shape(values)[1:])
@@ -221,6 +230,6 @@ def sweep(
     seeds=seed_list,
     m=m,
     best_lam=lam_list[best],
-    params=jax.tree_util.tree_map(grid, jax.device_get(state.params)),
+    params=jax.tree_util.tree_map(grid, params),
     **fields,
   )

@@ -1,0 +1,156 @@
+"""Sweep suite: 16 λ in one `jaxl2.sweep` vs 16 sequential runs vs 1 run.
+
+Wall times include compilation, as a user experiences them: `sweep` compiles
+once for all models; the sequential baseline compiles a one-model program
+once and runs it 16 times with λ as data (no recompilation); "1 run" is one
+model alone. The suite runs in a child process that exposes one XLA host
+device per CPU core, as `jaxl2 demo` does, so `sweep` can shard its models.
+Each figure is the median of 3 repeats (these are long cases).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+N_LAMS, REPEATS = 16, 3
+
+
+def _problems(quick: bool):
+  import flax.linen as nn
+  import numpy as np
+  import optax
+
+  import jaxl2
+
+  class Net(nn.Module):
+    widths: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x):
+      for i, w in enumerate(self.widths):
+        x = nn.Dense(w)(x)
+        x = nn.relu(x) if i < len(self.widths) - 1 else x
+      return x
+
+  rng = np.random.default_rng(0)
+  points = rng.normal(size=(211, 2)).astype(np.float32)
+  labels = (points[:, 0] * points[:, 1] > 0).astype(np.float32)[:, None]
+  tiny = Net((20, 3, 1))
+
+  def bce(logits, y):
+    return optax.sigmoid_binary_cross_entropy(logits, y).mean()
+
+  digits = jaxl2.load_digits(train_size=100, seed=0)
+  demo = Net((256, 10))
+
+  def xent(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  steps = 50 if quick else 500
+  yield (
+    "tiny 2-20-3-1, 211 points",
+    tiny,
+    bce,
+    (points, labels),
+    (points, labels),
+    2,
+    steps,
+  )
+  yield (
+    "demo MLP 64-256-10, 100 digits",
+    demo,
+    xent,
+    (digits.x_train, digits.y_train),
+    (digits.x_val, digits.y_val),
+    64,
+    50 if quick else 800,
+  )
+
+
+def _time(fn) -> float:
+  times = []
+  for _ in range(REPEATS):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _measure(problem: tuple, lams: list[float]) -> dict[str, Any]:
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import jaxl2
+
+  name, model, loss, train, val, in_dim, steps = problem
+  opt = optax.adam(1e-2)
+
+  def init_fn(key: jax.Array) -> Any:
+    return model.init(key, jnp.ones((1, in_dim)))["params"]
+
+  def apply_fn(p: Any, x: jax.Array) -> jax.Array:
+    return model.apply({"params": p}, x)
+
+  def sweep(grid: list[float]) -> None:
+    jaxl2.sweep(init_fn, apply_fn, loss, opt, train, val, lams=grid, steps=steps)
+
+  def sequential() -> None:
+    step = jaxl2.make_train_step(apply_fn, loss, opt, lam=0.0, m=len(train[1]))
+
+    @jax.jit
+    def run_one(state: Any) -> Any:
+      return jax.lax.scan(lambda st, _: (step.step_fn(st, train)[0], None), state, None, steps)[0]
+
+    params = init_fn(jax.random.key(0))
+    for lam in lams:
+      jax.block_until_ready(run_one(step.init(params, lam=lam)))
+
+  one = _time(lambda: sweep(lams[1:2]))
+  swept = _time(lambda: sweep(lams))
+  seq = _time(sequential)
+  return {
+    "case": name,
+    "devices": len(jax.devices()),
+    "steps": steps,
+    "one_run_s": one,
+    "sweep16_s": swept,
+    "sequential16_s": seq,
+    "sweep_vs_sequential": swept / seq,
+    "sweep_vs_one_run": swept / one,
+  }
+
+
+def child(quick: bool) -> list[dict[str, Any]]:
+  import numpy as np
+
+  lams = [0.0, *np.logspace(-3, 1, N_LAMS - 1).tolist()]
+  return [_measure(problem, lams) for problem in _problems(quick)]
+
+
+def run(*, quick: bool = False, repeats: int = 20) -> list[dict[str, Any]]:
+  del repeats  # long cases: REPEATS, stated in the module docstring
+  env = dict(os.environ)
+  cores = os.cpu_count() or 1
+  env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={cores}"
+  cmd = [sys.executable, "-m", "bench.suite_sweep", "--child"] + (["--quick"] if quick else [])
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+  rows = json.loads(out.stdout.strip().splitlines()[-1])
+  for row in rows:
+    print(
+      f"  sweep {row['case']} on {row['devices']} device(s): sweep16 {row['sweep16_s']:.2f}s = "
+      f"{row['sweep_vs_sequential']:.2f}x sequential16, {row['sweep_vs_one_run']:.2f}x one run",
+      flush=True,
+    )
+  return rows
+
+
+if __name__ == "__main__":
+  if "--child" in sys.argv:
+    print(json.dumps(child("--quick" in sys.argv)))
