@@ -1,0 +1,32 @@
+"""Smoke test: every benchmark suite runs at tiny sizes (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_every_suite_runs_quick(tmp_path):
+  out = subprocess.run(
+    [sys.executable, "bench/run.py", "--quick", "--repeats", "2", "--out", str(tmp_path)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  (result,) = tmp_path.glob("*.json")
+  report = json.loads(result.read_text())
+  assert set(report["results"]) == {"penalty", "train", "peer", "sweep", "precision"}
+  assert report["machine"]["versions"]["jax"]
+  for row in report["results"]["penalty"]:
+    assert row["jaxl2_ms"] > 0 and row["limit_ms"] > 0
+  for row in report["results"]["precision"]:
+    # Accuracy is not timing: the float32 accumulation must hold at any size.
+    assert row["jaxl2_rel_error"] < 1e-6
+    if row["case"].startswith("float16"):
+      assert row["naive_rel_error"] == float("inf")  # fp16 squares overflow in fp16
+  assert (tmp_path / result.name.replace(".json", ".md")).read_text().startswith("# jaxl2")
