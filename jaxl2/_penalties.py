@@ -157,7 +157,9 @@ def grad_tree(
   for leaf, ref, multiplier in zip(selection.leaves, anchors, selection.multipliers, strict=True):
     value = jnp.asarray(leaf.value)
     if multiplier == 0.0:
-      out.append(jnp.zeros_like(value))
+      # Not zeros_like: under jit with sharded (Auto-axis) params it comes back
+      # replicated. A `where` on the leaf keeps its layout; XLA still only fills.
+      out.append(jnp.where(jnp.zeros_like(value, dtype=bool), value, jnp.zeros((), value.dtype)))
       continue
     coef = scale if multiplier == 1.0 else scale * jnp.asarray(multiplier, acc)
     out.append(leaf_grad(value, ref, coef).astype(value.dtype))

@@ -2,6 +2,13 @@
 
 λ is part of the state (data, not a compile-time constant), so a new λ needs
 no recompilation and `jaxl2.sweep` can `jax.vmap` the same step over many λ.
+
+Sharded training is JAX's own SPMD: place the params (and batch) on a
+`jax.sharding.Mesh` and the step follows them. `TrainStep` only makes sure the
+placement survives: ``init`` keeps (or applies) the params' shardings and
+replicates the state's scalars over their mesh, and each compiled step returns
+every state leaf with the sharding it came in with, so the donated buffers are
+reused and the step compiles once.
 """
 
 from __future__ import annotations
@@ -11,10 +18,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxl2._checks import check_lam, check_m
 from jaxl2._masks import MaskSpec, resolve
+from jaxl2._paths import path_str
 from jaxl2._penalties import l2_from_sq_norm, weight_sq_norm
 
 __all__ = ["TrainState", "TrainStep", "accuracy", "make_eval_step", "make_train_step"]
@@ -22,6 +33,8 @@ __all__ = ["TrainState", "TrainStep", "accuracy", "make_eval_step", "make_train_
 ApplyFn = Callable[[Any, Any], Any]
 LossFn = Callable[[Any, Any], jax.Array]
 Batch = tuple[Any, Any]
+# A `jax.sharding.Sharding`, or a pytree of them that is a prefix of the tree it places.
+ShardingSpec = Any
 
 
 class TrainState(NamedTuple):
@@ -47,6 +60,102 @@ def _as_lam(lam: Any) -> jax.Array:
   return jnp.array(lam, jnp.float32, copy=True)
 
 
+def _check_sharding_spec(spec: ShardingSpec, name: str, what: str) -> None:
+  """``spec`` is None, a `Sharding`, or a non-empty pytree of them."""
+  if spec is None:
+    return
+  leaves = jax.tree_util.tree_leaves(spec)
+  bad = [x for x in leaves if not isinstance(x, Sharding)]
+  if not leaves or bad:
+    got = repr(bad[0]) if bad else f"{spec!r}, which holds no sharding"
+    raise TypeError(
+      f"`{name}` must be a jax.sharding.Sharding, or a pytree of them that is a prefix of the "
+      f"{what}; got {got}. Wrap a PartitionSpec with its mesh: "
+      "`NamedSharding(mesh, P('data'))`."
+    )
+
+
+def _broadcast(spec: ShardingSpec, tree: Any, name: str, what: str) -> list[Sharding]:
+  """One sharding per leaf of ``tree`` from the prefix pytree ``spec``."""
+  try:
+    full = jax.tree_util.tree_map(
+      lambda s, sub: jax.tree_util.tree_map(lambda _: s, sub), spec, tree
+    )
+  except ValueError as err:
+    raise ValueError(
+      f"`{name}` must be a Sharding or a pytree prefix of the {what}; its structure "
+      f"{jax.tree_util.tree_structure(spec)} does not match that of the {what}, "
+      f"{jax.tree_util.tree_structure(tree)}."
+    ) from err
+  return jax.tree_util.tree_leaves(full)
+
+
+def _place(tree: Any, spec: ShardingSpec, name: str, what: str, *, copy: bool) -> Any:
+  """``tree`` put onto the shardings in ``spec``, naming the leaf that does not fit.
+
+  ``copy=True`` copies even a leaf that is already there (``init``: the state
+  is donated, the caller's arrays must stay valid).
+  """
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  out = []
+  for (key_path, leaf), sharding in zip(with_path, _broadcast(spec, tree, name, what), strict=True):
+    try:
+      out.append(jax.device_put(leaf, sharding, may_alias=False if copy else None))
+    except ValueError as err:
+      raise ValueError(
+        f"`{name}` does not fit the {what} leaf at '{path_str(key_path)}' of shape "
+        f"{tuple(getattr(leaf, 'shape', ()))}: the spec may name at most as many dimensions "
+        f"as the leaf has, and each sharded dimension must be a multiple of the number of "
+        f"devices along its mesh axes; got {sharding}. JAX says: {err}"
+      ) from err
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _mesh_of(tree: Any) -> Mesh | None:
+  """The mesh of the first leaf of ``tree`` that is spread over several devices."""
+  for leaf in jax.tree_util.tree_leaves(tree):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and len(sharding.device_set) > 1:
+      return sharding.mesh
+  return None
+
+
+def _replicate_over(tree: Any, mesh: Mesh) -> Any:
+  """Array leaves not already on ``mesh``'s devices (step, λ, optimizer counters) replicated there.
+
+  Left on one device, they would come back from the first step replicated,
+  and the second step would compile again for the new input shardings.
+  """
+  replicated = NamedSharding(mesh, P())
+  devices = set(mesh.devices.flat)
+
+  def put(x: Any) -> Any:
+    if isinstance(x, jax.Array) and x.sharding.device_set != devices:
+      # Through the host: with several processes a global sharding is filled
+      # from a NumPy value that every process holds, not from a local array.
+      return jax.device_put(np.asarray(x), replicated)
+    return x
+
+  return jax.tree_util.tree_map(put, tree)
+
+
+def _layout(state: Any) -> tuple[Any, tuple[Sharding | None, ...]] | None:
+  """The state's treedef and per-leaf shardings, or None when it lives on one device.
+
+  Single-device leaves map to None (XLA places their outputs); so do leaves
+  that are not `jax.Array`s. Runs on every step: cheap checks first.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(state)
+  shardings = [x.sharding if isinstance(x, jax.Array) else None for x in leaves]
+  spread = [
+    s
+    if s is not None and not isinstance(s, SingleDeviceSharding) and len(s.device_set) > 1
+    else None
+    for s in shardings
+  ]
+  return (treedef, tuple(spread)) if any(s is not None for s in spread) else None
+
+
 class TrainStep:
   """A compiled L2-regularized training step; build it with `jaxl2.make_train_step`.
 
@@ -64,6 +173,8 @@ class TrainStep:
     lam: Any,
     m: Any,
     mask: MaskSpec,
+    param_sharding: ShardingSpec = None,
+    batch_sharding: ShardingSpec = None,
   ) -> None:
     for name, fn in (("apply_fn", apply_fn), ("loss_fn", loss_fn)):
       if not callable(fn):
@@ -78,8 +189,16 @@ class TrainStep:
     check_m(m)
     self.lam = float(lam)
     self.m, self.mask = m, mask
+    _check_sharding_spec(param_sharding, "param_sharding", "params")
+    _check_sharding_spec(batch_sharding, "batch_sharding", "batch")
+    self.param_sharding, self.batch_sharding = param_sharding, batch_sharding
     # Donating the state lets XLA update params and optimizer state in place.
     self._compiled = jax.jit(self.step_fn, donate_argnums=0)
+    # One program per layout of a sharded state, with its shardings as the
+    # output shardings: left to XLA's propagation an output can come back in
+    # another layout (or another spelling of the same one) than it came in,
+    # and the next step would compile again and could not reuse the buffers.
+    self._sharded: dict[Any, Callable[..., Any]] = {}
 
   def init(self, params: Any, *, lam: Any = None) -> TrainState:
     """The initial state: ``params``, a fresh optimizer state, step 0 and λ.
@@ -87,22 +206,44 @@ class TrainStep:
     Args:
       params: the initial parameters (the mask is resolved on them here, so a
         bad mask fails now rather than inside the compiled step). They are
-        copied: steps donate the state's buffers, never the caller's.
+        copied: steps donate the state's buffers, never the caller's. The
+        copy keeps each leaf's sharding, or takes ``param_sharding`` when
+        the step was built with one.
       lam: overrides the λ given to `make_train_step`.
+
+    When the params are spread over a mesh, the optimizer state follows them
+    (optax builds it with ``zeros_like``) and the state's scalars (step, λ,
+    optimizer counters) are replicated over that mesh.
+
+    Raises:
+      ValueError: the mask selects nothing; ``param_sharding`` does not match
+        the params' structure or does not divide a leaf's shape.
     """
     resolve(params, self.mask)
-    # Copied because the state is donated: the caller's arrays stay valid.
-    params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)
-    return TrainState(
+    if self.param_sharding is not None:
+      params = _place(params, self.param_sharding, "param_sharding", "params", copy=True)
+    else:
+      # Copied because the state is donated: the caller's arrays stay valid.
+      params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)
+    state = TrainState(
       params=params,
       opt_state=self.optimizer.init(params),
       step=jnp.zeros([], jnp.int32),
       lam=_as_lam(self.lam if lam is None else lam),
     )
+    mesh = _mesh_of(params)
+    return state if mesh is None else _replicate_over(state, mesh)
 
   def set_lam(self, state: TrainState, lam: Any) -> TrainState:
-    """``state`` with a new λ (checked); the next step reuses the compiled program."""
-    return state._replace(lam=_as_lam(lam))
+    """``state`` with a new λ (checked); the next step reuses the compiled program.
+
+    The new λ is placed like the old one (replicated over a sharded state's mesh).
+    """
+    new = _as_lam(lam)
+    old = getattr(state.lam, "sharding", None)
+    if old is not None and len(old.device_set) > 1:
+      new = jax.device_put(np.asarray(new), old)  # as `init` placed it (see _replicate_over)
+    return state._replace(lam=new)
 
   def objective(self, params: Any, lam: Any, batch: Batch) -> tuple[jax.Array, dict[str, Any]]:
     """data loss + (λ/2m)·Σ c·‖W‖² at ``params``, and its parts as metrics."""
@@ -127,8 +268,29 @@ class TrainStep:
     return new_state, metrics
 
   def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
-    """One compiled step. ``state`` is donated: use the returned state afterwards."""
-    return self._compiled(state, batch)
+    """One compiled step. ``state`` is donated: use the returned state afterwards.
+
+    The returned state has the shardings of ``state``, leaf for leaf. With
+    ``batch_sharding`` the batch is first placed there by `jax.device_put`
+    (a no-op for a batch already there; a host batch is split across the
+    devices, not copied whole to each).
+
+    Raises:
+      ValueError: ``batch_sharding`` does not fit the batch.
+    """
+    if self.batch_sharding is not None:
+      batch = _place(batch, self.batch_sharding, "batch_sharding", "batch", copy=False)
+    layout = _layout(state)
+    if layout is None:
+      return self._compiled(state, batch)
+    compiled = self._sharded.get(layout)
+    if compiled is None:
+      treedef, shardings = layout
+      # None leaves of out_shardings are left to XLA (the metrics, single-device leaves).
+      out = (jax.tree_util.tree_unflatten(treedef, shardings), None)
+      compiled = jax.jit(self.step_fn, donate_argnums=0, out_shardings=out)
+      self._sharded[layout] = compiled
+    return compiled(state, batch)
 
 
 def make_train_step(
@@ -139,6 +301,8 @@ def make_train_step(
   lam: Any,
   m: Any,
   mask: MaskSpec = None,
+  param_sharding: ShardingSpec = None,
+  batch_sharding: ShardingSpec = None,
 ) -> TrainStep:
   r"""Builds a jit-compiled step minimizing ``loss_fn(apply_fn(params, x), y) + (λ/2m)·Σ c·‖W‖²``.
 
@@ -152,16 +316,40 @@ def make_train_step(
     lam: the initial λ ≥ 0; lives in the state and can change between steps.
     m: the number of training inputs (the training set, not the batch), > 0.
     mask: which leaves are penalized; as for `jaxl2.l2_penalty`.
+    param_sharding: where ``train.init`` places the params: a
+      `jax.sharding.Sharding` for every leaf, or a pytree of them that is a
+      prefix of the params (``NamedSharding(mesh, P("data", None))`` for a
+      fully sharded kernel, ``P(None, "model")`` for tensor parallel). Default:
+      each leaf keeps the sharding it has (computation follows data).
+    batch_sharding: where ``train(state, batch)`` places the batch first, as
+      ``param_sharding`` for the ``(inputs, targets)`` tree; typically
+      ``NamedSharding(mesh, P("data"))`` for data parallel. Default: the batch
+      is used where it is.
 
   Returns:
     A `TrainStep`: ``state = train.init(params)``, then
     ``state, metrics = train(state, (inputs, targets))`` with metrics
     ``loss``, ``data_loss``, ``penalty`` and ``weight_sq_norm`` at the
-    incoming params. The step compiles once; it retraces only if the shapes
-    or dtypes of the state or batch change.
+    incoming params. The step compiles once; it retraces only if the shapes,
+    dtypes or shardings of the state or batch change.
+
+  Sharded training: ``init`` copies the params shard for shard, the optimizer
+  state follows them, and the scalars (step, λ, counters) are replicated over
+  their mesh; every step returns each state leaf with the sharding it came in
+  with (so donation reuses the buffers). The penalty adds only all-reduces
+  of scalars (each shard's partial sum of squares); its gradient (λ/m)·W is
+  elementwise and local to each shard. Meshes with Explicit axes (the
+  default of `jax.make_mesh`) need ``with jax.set_mesh(mesh):`` around the
+  calls, as any JAX code does.
+
+  Raises:
+    TypeError: ``apply_fn``/``loss_fn`` not callable; ``optimizer`` not an optax
+      transformation; ``param_sharding``/``batch_sharding`` not Shardings.
+    ValueError: ``lam`` or ``m`` invalid; at ``init``/call, a sharding that does
+      not match the tree or divide a leaf's shape.
 
   Example:
-    >>> import jax.numpy as jnp, optax, jaxl2
+    >>> import jax, jax.numpy as jnp, optax, jaxl2
     >>> train = jaxl2.make_train_step(
     ...   lambda p, x: x @ p["w"], lambda out, y: jnp.mean((out - y) ** 2),
     ...   optax.sgd(0.1), lam=1.0, m=4)
@@ -169,8 +357,33 @@ def make_train_step(
     >>> state, metrics = train(state, (jnp.zeros((4, 2)), jnp.zeros((4, 1))))
     >>> float(metrics["penalty"]), state.params["w"][0, 0]  # 1/8 · 2; w ← w − 0.1 · (1/4) · w
     (0.25, Array(0.975, dtype=float32))
+
+    Data parallel over every device (one here; the same code on eight):
+
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    >>> with jax.set_mesh(mesh):
+    ...   train = jaxl2.make_train_step(
+    ...     lambda p, x: x @ p["w"], lambda out, y: jnp.mean((out - y) ** 2), optax.sgd(0.1),
+    ...     lam=1.0, m=8, param_sharding=NamedSharding(mesh, P()),
+    ...     batch_sharding=NamedSharding(mesh, P("data")))
+    ...   state = train.init({"w": jnp.ones((2, 1))})
+    ...   state, metrics = train(state, (jnp.zeros((8, 2)), jnp.zeros((8, 1))))
+    >>> state.params["w"].sharding.is_equivalent_to(NamedSharding(mesh, P()), 2)
+    True
+    >>> float(metrics["penalty"])  # 1/16 · 2
+    0.125
   """
-  return TrainStep(apply_fn, loss_fn, optimizer, lam=lam, m=m, mask=mask)
+  return TrainStep(
+    apply_fn,
+    loss_fn,
+    optimizer,
+    lam=lam,
+    m=m,
+    mask=mask,
+    param_sharding=param_sharding,
+    batch_sharding=batch_sharding,
+  )
 
 
 def accuracy(outputs: jax.Array, targets: jax.Array) -> jax.Array:

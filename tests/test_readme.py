@@ -8,7 +8,9 @@ import re
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_python_blocks_run():
+def test_readme_python_blocks_run(monkeypatch):
+  # The scaling example sets XLA_FLAGS; keep it out of later subprocesses.
+  monkeypatch.setenv("XLA_FLAGS", "")
   blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
   assert blocks, "the README has no python blocks to check"
   namespace: dict = {}
