@@ -16,16 +16,19 @@ def measure(fn: Callable[..., Any], *args: Any, repeats: int = 20) -> dict[str, 
   Compile time is lowering plus XLA compilation. Steady time is the median of
   ``repeats`` calls after one warm-up call, each waited on with
   `jax.block_until_ready`, so no call is timed while it still runs
-  asynchronously or while it still compiles.
+  asynchronously or while it still compiles. Steady calls go through the
+  jitted function (its C++ fast path), as users call it: a `Compiled` object
+  dispatches through Python, ~1.4 ms more for 2,000 argument buffers.
   """
+  jitted = jax.jit(fn)
   start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
+  jitted.lower(*args).compile()
   compile_s = time.perf_counter() - start
-  jax.block_until_ready(compiled(*args))  # warm-up, excluded
+  jax.block_until_ready(jitted(*args))  # warm-up (and the fast path's cache), excluded
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
+    jax.block_until_ready(jitted(*args))
     times.append(time.perf_counter() - start)
   return {
     "compile_s": compile_s,
