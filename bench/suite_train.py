@@ -2,8 +2,9 @@
 
 Variants: unregularized; the jaxl2 penalty in the loss (`regularized`); the
 jaxl2 transform (`add_l2_grad`); `optax.add_decayed_weights` (the same update
-under SGD). Cases: a Flax MLP 784-1024-1024-10 at batch 256, and a step over
-2,000 parameter leaves of 1,000 floats (the many-leaves regime).
+under SGD), timed interleaved round by round (`bench.timing.compare`). Cases:
+a Flax MLP 784-1024-1024-10 at batch 256, and a step over 2,000 parameter
+leaves of 1,000 floats (the many-leaves regime).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import optax
 
 import jaxl2
 from bench import trees
-from bench.timing import measure
+from bench.timing import compare
 
 LAM, M, LR = 1e-2, 60_000, 1e-2
 
@@ -87,8 +88,13 @@ def run(*, quick: bool = False, repeats: int = 20) -> list[dict[str, Any]]:
   rows = []
   for name, params, loss, batch in (_mlp_case(quick), _many_leaves_case(quick)):
     row: dict[str, Any] = {"case": name, "params": trees.n_params(params)}
-    for variant, (objective, tx) in _variants(loss, params).items():
-      m = measure(_step(objective, tx), params, tx.init(params), *batch, repeats=repeats)
+    variants = _variants(loss, params)
+    timed = compare(
+      {v: _step(objective, tx) for v, (objective, tx) in variants.items()},
+      {v: (params, tx.init(params), *batch) for v, (_, tx) in variants.items()},
+      repeats=repeats,
+    )
+    for variant, m in timed.items():
       row[f"{variant}_ms"] = 1e3 * m["median_s"]
       row[f"{variant}_compile_s"] = m["compile_s"]
     base_ms, base_c = row["unregularized_ms"], row["unregularized_compile_s"]
