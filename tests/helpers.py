@@ -181,3 +181,12 @@ def ref_sign(x: Any) -> np.ndarray:
     modulus = np.abs(x)
     return np.conj(x) / np.where(modulus == 0, 1.0, modulus)
   return np.where(x >= 0, 1.0, -1.0)
+
+
+def low_precision_tree(dtype: Any, seed: int = 0) -> dict[str, jax.Array]:
+  """1,000,000 standard-normal weights in two leaves of ``dtype`` (bf16/fp16 precision tests)."""
+  rng = np.random.default_rng(seed)
+  return {
+    "a": jnp.asarray(rng.normal(size=(1000, 600)), dtype),
+    "b": jnp.asarray(rng.normal(size=(500, 800)), dtype),
+  }

@@ -448,12 +448,8 @@ def test_result_dtype_is_float32_whatever_lam_m_and_rho(lam, m, rho):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_million_elements_within_1e_5(dtype):
-  rng = np.random.default_rng(0)
-  params = {
-    "a": jnp.asarray(rng.normal(size=(1000, 600)), dtype),
-    "b": jnp.asarray(rng.normal(size=(500, 800)), dtype),
-  }
-  anchor = {k: jnp.asarray(rng.normal(size=v.shape), dtype) for k, v in params.items()}
+  params = helpers.low_precision_tree(dtype)
+  anchor = helpers.low_precision_tree(dtype, seed=1)
   kernels = [(params["a"], 1.0), (params["b"], 1.0)]
   triples = [(params[k], anchor[k], 1.0) for k in ("a", "b")]
   cases = [

@@ -204,11 +204,7 @@ def test_float64_leaf_accumulates_in_float64():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_million_elements_within_1e_5(dtype):
-  rng = np.random.default_rng(0)
-  params = {
-    "a": jnp.asarray(rng.normal(size=(1000, 600)), dtype),
-    "b": jnp.asarray(rng.normal(size=(500, 800)), dtype),
-  }
+  params = helpers.low_precision_tree(dtype)
   expected = helpers.ref_l2([(params["a"], 1.0), (params["b"], 1.0)], LAM, M)
   got = jaxl2.l2_penalty(params, LAM, M)
   assert got.dtype == jnp.float32
