@@ -12,7 +12,6 @@ and the L2 part of the elastic net, and ‖W_j − W₀_j‖² for L2-SP.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from jaxl2._checks import check_lam, check_m, check_real_scalar
-from jaxl2._masks import MaskSpec, Selection, resolve
+from jaxl2._masks import ARRAY_TYPES, MaskSpec, Selection, resolve
 from jaxl2._paths import Leaf, flatten
 from jaxl2._penalties import accumulation_dtype, conj_upcast, grad_tree, upcast
 from jaxl2._reduce import abs_values, squares, weighted_sum
@@ -227,7 +226,6 @@ _ANCHOR_FIX = (
   "`anchor` must be the starting (pretrained) weights of the same model, with the "
   "structure and shapes of `params`, e.g. a copy of `params` taken before fine-tuning."
 )
-_ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, numbers.Number)
 
 
 def _structure_error(selection: Selection, anchor_leaves: list[Leaf], anchor_def: Any) -> str:
@@ -253,7 +251,7 @@ def anchor_values(selection: Selection, anchor: Any) -> list[Any]:
   if anchor_def != selection.treedef:
     raise ValueError(_structure_error(selection, anchor_leaves, anchor_def))
   for leaf, ref in zip(selection.leaves, anchor_leaves, strict=True):
-    if not isinstance(ref.value, _ARRAY_TYPES):
+    if not isinstance(ref.value, ARRAY_TYPES):
       raise TypeError(
         f"`anchor` leaf at {ref.path!r} is a {type(ref.value).__name__} ({ref.value!r:.60}); "
         f"anchor leaves must be arrays or numbers. {_ANCHOR_FIX}"

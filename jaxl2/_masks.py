@@ -188,12 +188,13 @@ class Selection(NamedTuple):
     return [(leaf, w) for leaf, w in zip(self.leaves, self.multipliers, strict=True) if w != 0.0]
 
 
-_ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, numbers.Number)
+# What a parameter leaf may be; anything else is a TypeError naming its path.
+ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, numbers.Number)
 
 
 def _check_leaf_types(leaves: list[Leaf]) -> None:
   for leaf in leaves:
-    if not isinstance(leaf.value, _ARRAY_TYPES):
+    if not isinstance(leaf.value, ARRAY_TYPES):
       raise TypeError(
         f"leaf at {leaf.path!r} is a {type(leaf.value).__name__} ({leaf.value!r:.60}); "
         "parameter pytrees may hold only arrays and numbers. Remove it, or store it "
