@@ -13,7 +13,7 @@ from jaxl2._family import (
   l2_sp_penalty,
   l2_sp_penalty_grad,
 )
-from jaxl2._masks import all_floating, by_name, by_ndim, by_regex
+from jaxl2._masks import all_floating, by_name, by_ndim, by_regex, by_role
 from jaxl2._penalties import l2_penalty, l2_penalty_grad, regularized, weight_sq_norm
 from jaxl2._sweep import SweepResult, sweep
 from jaxl2._training import (
@@ -53,6 +53,7 @@ __all__ = [
   "by_name",
   "by_ndim",
   "by_regex",
+  "by_role",
   "describe",
   "elastic_net_penalty",
   "elastic_net_penalty_grad",

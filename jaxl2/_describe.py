@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import math
 from typing import Any
 
@@ -30,6 +31,11 @@ class LeafRow:
     sq_norm: ‖W‖² in float64 (Σ|w|² for complex leaves); ``None`` for
       leaves that are not floating (integer counters, RNG keys).
     variable: the Flax NNX variable type (``Param``, ``BatchStat``), or "".
+    why: the rule that decided ("kernel", "bias", "norm scale", "positional
+      embedding", "not an nnx.Param (BatchStat)", "pattern '.*/kernel'",
+      "mask" for a mask of your own...).
+    aliases: the other paths of a shared Flax NNX Variable (tied weights),
+      which is listed, and penalized, once.
   """
 
   path: str
@@ -40,6 +46,8 @@ class LeafRow:
   multiplier: float
   sq_norm: float | None
   variable: str = ""
+  why: str = ""
+  aliases: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +86,8 @@ class Description:
     """Σ c_j ‖W_j‖² over the selected leaves (float64)."""
     return math.fsum(row.multiplier * (row.sq_norm or 0.0) for row in self.rows if row.selected)
 
-  def __str__(self) -> str:
-    header = ("path", "shape", "dtype", "size", "selected", "mult", "‖W‖²")
+  def _cells(self) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    header = ("path", "shape", "dtype", "size", "selected", "mult", "‖W‖²", "why")
     body = [
       (
         row.path + (f" [{row.variable}]" if row.variable and row.variable != "Param" else ""),
@@ -89,9 +97,28 @@ class Description:
         "yes" if row.selected else "no",
         f"{row.multiplier:g}" if row.selected else "-",
         "-" if row.sq_norm is None else f"{row.sq_norm:.6g}",
+        row.why + (f" (also at {', '.join(row.aliases)})" if row.aliases else ""),
       )
       for row in self.rows
     ]
+    return header, body
+
+  def _totals(self) -> list[str]:
+    total = self.params_total
+    share = f" ({100 * self.params_selected / total:.1f}%)" if total else ""
+    lines = [
+      f"penalized: {self.n_selected} of {len(self.rows)} leaves, "
+      f"{self.params_selected:,} of {total:,} parameters{share}",
+      f"Σ c·‖W‖² over penalized leaves: {self.weighted_sq_norm:.6g}",
+    ]
+    if self.rows and not self.n_selected:
+      lines.append("nothing is selected: l2_penalty with this mask raises ValueError")
+    if self.penalty is not None:
+      lines.append(f"penalty (λ/2m)·Σ c·‖W‖² with λ={self.lam:g}, m={self.m:g}: {self.penalty:.6g}")
+    return lines
+
+  def __str__(self) -> str:
+    header, body = self._cells()
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     right = {3, 5, 6}
 
@@ -103,19 +130,17 @@ class Description:
       return "  ".join(padded).rstrip()
 
     rule = "-" * len(line(header))
-    lines = [line(header), rule, *map(line, body), rule]
-    total = self.params_total
-    share = f" ({100 * self.params_selected / total:.1f}%)" if total else ""
-    lines.append(
-      f"penalized: {self.n_selected} of {len(self.rows)} leaves, "
-      f"{self.params_selected:,} of {total:,} parameters{share}"
+    return "\n".join([line(header), rule, *map(line, body), rule, *self._totals()])
+
+  def _repr_html_(self) -> str:
+    """The table as HTML, for Jupyter and Colab."""
+    header, body = self._cells()
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join(
+      "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in body
     )
-    lines.append(f"Σ c·‖W‖² over penalized leaves: {self.weighted_sq_norm:.6g}")
-    if self.rows and not self.n_selected:
-      lines.append("nothing is selected: l2_penalty with this mask raises ValueError")
-    if self.penalty is not None:
-      lines.append(f"penalty (λ/2m)·Σ c·‖W‖² with λ={self.lam:g}, m={self.m:g}: {self.penalty:.6g}")
-    return "\n".join(lines)
+    totals = "<br>".join(html.escape(t) for t in self._totals())
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table><p>{totals}</p>"
 
 
 def _sq_norm(value: Any) -> float | None:
@@ -137,7 +162,10 @@ def describe(params: Any, *, mask: MaskSpec = None, lam: Any = None, m: Any = No
   Uses the same mask resolver as `jaxl2.l2_penalty`, so what it shows is
   what the penalty uses. Norms are computed in float64 with NumPy, so this is
   a tool for concrete params, not for use under `jax.jit`. A mask that selects
-  nothing is shown (and flagged) rather than raised, to help find why.
+  nothing is shown (and flagged) rather than raised, to help find why. A Flax
+  NNX Variable referenced at several paths (tied weights) is one row, with
+  its other paths under "why"; an Equinox module's non-array fields are rows
+  of size 0, "not an array".
 
   Args:
     params: any pytree of arrays, as for `jaxl2.l2_penalty`.
@@ -145,13 +173,14 @@ def describe(params: Any, *, mask: MaskSpec = None, lam: Any = None, m: Any = No
     lam, m: optional; when both are given the penalty value is included.
 
   Returns:
-    A `Description`: ``str()`` gives the table, ``.rows`` the data.
+    A `Description`: ``str()`` gives the table, ``.rows`` the data, and
+    notebooks show it as an HTML table.
 
   Example:
     >>> import jax.numpy as jnp, jaxl2
     >>> d = jaxl2.describe({"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}, lam=1.0, m=2)
-    >>> [(r.path, r.selected) for r in d.rows]
-    [('b', False), ('w', True)]
+    >>> [(r.path, r.selected, r.why) for r in d.rows]
+    [('b', False, 'bias'), ('w', True, 'kernel')]
     >>> d.penalty
     1.5
   """
@@ -161,19 +190,29 @@ def describe(params: Any, *, mask: MaskSpec = None, lam: Any = None, m: Any = No
     check_lam(lam)
     check_m(m)
   selection = resolve(params, mask, allow_empty=True)
+  aliases: dict[str, list[str]] = {}
+  for leaf in selection.leaves:
+    if leaf.shared_with is not None:
+      aliases.setdefault(leaf.shared_with, []).append(leaf.path)
   rows = []
-  for leaf, multiplier in zip(selection.leaves, selection.multipliers, strict=True):
-    shape = tuple(np.shape(leaf.value))
+  for leaf, multiplier, why in zip(
+    selection.leaves, selection.multipliers, selection.reasons, strict=True
+  ):
+    if leaf.shared_with is not None:
+      continue
+    shape = () if leaf.not_array else tuple(np.shape(leaf.value))
     rows.append(
       LeafRow(
         path=leaf.path,
         shape=shape,
         dtype=str(getattr(leaf.value, "dtype", type(leaf.value).__name__)),
-        size=int(np.prod(shape, dtype=np.int64)),
+        size=0 if leaf.not_array else int(np.prod(shape, dtype=np.int64)),
         selected=multiplier != 0.0,
         multiplier=multiplier,
-        sq_norm=_sq_norm(leaf.value),
+        sq_norm=None if leaf.not_array else _sq_norm(leaf.value),
         variable=leaf.variable.__name__ if leaf.variable is not None else "",
+        why=why,
+        aliases=tuple(aliases.get(leaf.path, ())),
       )
     )
   description = Description(rows=tuple(rows))

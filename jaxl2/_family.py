@@ -23,7 +23,7 @@ from jax.experimental import checkify
 from jaxl2._checks import check_lam, check_m, check_real_scalar
 from jaxl2._masks import ARRAY_TYPES, MaskSpec, Selection, resolve
 from jaxl2._paths import Leaf, flatten
-from jaxl2._penalties import accumulation_dtype, conj_upcast, grad_tree, upcast
+from jaxl2._penalties import accumulation_dtype, conj_upcast, grad_tree, lam_over_m, upcast
 from jaxl2._reduce import abs_values, squares, weighted_sum
 
 __all__ = [
@@ -44,7 +44,7 @@ def _setup(params: Any, lam: Any, m: Any, mask: MaskSpec) -> tuple[Selection, jn
   check_m(m)
   selection = resolve(params, mask)
   acc = accumulation_dtype(selection)
-  return selection, acc, jnp.asarray(lam).astype(acc) / jnp.asarray(m).astype(acc)
+  return selection, acc, lam_over_m(lam, m, acc)
 
 
 def _sum(selection: Selection, elementwise: Callable[..., jax.Array], acc: jnp.dtype) -> jax.Array:
@@ -83,8 +83,9 @@ def l1_penalty(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> jax.A
       under `jax.experimental.checkify.checkify`).
     m: the number of training inputs (the training set, not the batch), > 0.
       May be traced.
-    mask: which leaves count, and with what multiplier; see `jaxl2.by_ndim`.
-      Default: floating leaves with ndim ≥ 2 (kernels, embeddings).
+    mask: which leaves count, and with what multiplier; see `jaxl2.by_role`.
+      Default: `jaxl2.by_role()`, the weight matrices of layers (kernels,
+      token embeddings) by name, module and type, not biases or norm scales.
 
   Returns:
     A 0-d float32 array, float64 if a selected leaf is float64/complex128.

@@ -2,24 +2,28 @@
 
 A mask is one of:
 
-* ``None``: the default, `by_ndim` (floating leaves with ``ndim >= 2``),
-  restricted to trainable parameters when given Flax NNX variables;
+* ``None``: the default, `by_role` (the weight matrices of layers, decided by
+  each leaf's name, module and type; see `jaxl2.by_role`);
 * a callable ``(path: str, leaf) -> bool | float`` such as `by_name`;
 * a pytree of bools/floats with the structure of ``params`` or a prefix of it
   (optax's convention); a callable ``params -> such pytree`` is accepted too.
 
 A float is a multiplier on λ for that leaf; ``True`` is 1 and ``False`` is 0.
-`resolve` is the one place that turns any of these into per-leaf multipliers;
-every API that takes ``mask=`` goes through it.
+Whatever the mask, some leaves are never parameters: the non-array fields of
+Equinox modules, Flax NNX Variables that are not ``nnx.Param``, and second
+references to one NNX Variable (tied weights count once, at their first path).
+`resolve` is the one place that turns any of these into per-leaf multipliers
+and reasons; every API that takes ``mask=`` goes through it.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import numbers
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeAlias
 
 import jax
@@ -27,16 +31,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2._paths import Leaf, flatten
+from jaxl2._roles import Role, role_of, role_selected
 
 __all__ = [
+  "ARRAY_TYPES",
   "LeafMask",
   "MaskSpec",
+  "Rule",
   "Selection",
   "all_floating",
   "by_name",
   "by_ndim",
   "by_regex",
+  "by_role",
+  "is_inexact",
   "resolve",
+  "to_multiplier",
 ]
 
 LeafMask: TypeAlias = Callable[[str, Any], "bool | float"]
@@ -46,17 +56,96 @@ _HOW_TO_CHECK = "Check what is selected with `jaxl2.describe(params, mask=...)`.
 
 
 def is_inexact(leaf: Any) -> bool:
+  """Whether a leaf is floating or complex (Python floats and complex numbers included)."""
   dtype = getattr(leaf, "dtype", None)
   if dtype is None:
     return isinstance(leaf, (float, complex)) and not isinstance(leaf, bool)
   return jnp.issubdtype(dtype, jnp.inexact)
 
 
-def by_ndim(min_ndim: int = 2) -> LeafMask:
-  """Selects floating (or complex) leaves with ``ndim >= min_ndim``.
+class Rule:
+  """A mask from jaxl2's builders: ``(path, leaf) -> bool | float``, and why.
 
-  The default mask is ``by_ndim(2)``: Dense and Conv kernels and embeddings
-  are penalized; biases, norm scales and scalars are not.
+  `describe` shows the reason `explain` gives for each leaf, and the resolver
+  calls `check` to reject name patterns that match nothing.
+  """
+
+  def __init__(
+    self,
+    name: str,
+    explain: Callable[[Leaf], tuple[bool | float, str]],
+    check: Callable[[Sequence[str]], None] | None = None,
+  ) -> None:
+    self._name = name
+    self._explain = explain
+    self._check = check
+
+  def __call__(self, path: str, leaf: Any) -> bool | float:
+    return self._explain(Leaf(path, leaf))[0]
+
+  def explain(self, leaf: Leaf) -> tuple[bool | float, str]:
+    """The value for ``leaf`` (bool or multiplier) and the rule that decided it."""
+    return self._explain(leaf)
+
+  def check(self, paths: Sequence[str]) -> None:
+    """Raises ValueError if a pattern or name of this mask matches none of ``paths``."""
+    if self._check is not None:
+      self._check(paths)
+
+  def __repr__(self) -> str:
+    return self._name
+
+
+def by_role(*, embeddings: bool = True, positional: bool = False) -> Rule:
+  """Selects the weight matrices of layers by their role: the default mask.
+
+  A leaf's role comes from its name, its module's name and class, and (Flax
+  NNX) its Variable type, so a bias stacked to (L, D) by ``nn.scan`` or
+  ``nnx.vmap`` is still a bias, and a Haiku norm scale of shape (1, 1, 1, C)
+  is still a norm scale. Selected: Dense/Conv/attention kernels (``kernel``,
+  ``w``, ``weight``, ``W1``) and token embeddings. Left out: biases, the
+  scale and offset of every normalization layer, running statistics and
+  caches, positional embeddings and class tokens, non-floating leaves. A name
+  no rule knows falls back to ``ndim >= 2``. The full rule table is in the
+  README ("What gets penalized").
+
+  Args:
+    embeddings: penalize token embedding tables (linen ``embedding``, Haiku
+      ``embeddings``, ``wte``, an Equinox ``Embedding``'s ``weight``).
+    positional: penalize positional embeddings and class tokens too
+      (big_vision and timm leave them out, as does the default).
+
+  Returns:
+    A mask for any ``mask=`` argument.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxl2
+    >>> mask = jaxl2.by_role()
+    >>> stacked = {"encoderblock": {"Dense_0": {"kernel": jnp.ones((2, 4, 4)),
+    ...                                        "bias": jnp.ones((2, 4))},
+    ...                             "LayerNorm_0": {"scale": jnp.ones((2, 4))}}}
+    >>> [r.path for r in jaxl2.describe(stacked, mask=mask).rows if r.selected]
+    ['encoderblock/Dense_0/kernel']
+  """
+  for name, value in (("embeddings", embeddings), ("positional", positional)):
+    if not isinstance(value, bool):
+      raise TypeError(f"`by_role` option `{name}` must be True or False; got {value!r}.")
+
+  def explain(leaf: Leaf) -> tuple[bool, str]:
+    role = role_of(leaf)
+    return role_selected(role, embeddings=embeddings, positional=positional), role
+
+  options = [f"embeddings={embeddings}"] if not embeddings else []
+  options += [f"positional={positional}"] if positional else []
+  return Rule(f"by_role({', '.join(options)})", explain)
+
+
+def by_ndim(min_ndim: int = 2) -> Rule:
+  """Selects floating (or complex) leaves with ``ndim >= min_ndim``: shape only.
+
+  This was the default before `by_role`. It penalizes stacked biases and norm
+  scales (``nn.scan``, ``nnx.vmap``) and Haiku's (1, 1, 1, C) norm scales; use
+  it only when shape really is the rule you want.
 
   Example:
     >>> import jax.numpy as jnp
@@ -67,27 +156,48 @@ def by_ndim(min_ndim: int = 2) -> LeafMask:
   if isinstance(min_ndim, bool) or not isinstance(min_ndim, numbers.Integral) or min_ndim < 0:
     raise ValueError(f"`min_ndim` must be an integer >= 0; got {min_ndim!r}.")
 
-  def mask(path: str, leaf: Any) -> bool:
-    del path
-    return is_inexact(leaf) and np.ndim(leaf) >= min_ndim
+  def explain(leaf: Leaf) -> tuple[bool, str]:
+    if not is_inexact(leaf.value):
+      return False, Role.NOT_FLOATING
+    if np.ndim(leaf.value) >= min_ndim:
+      return True, f"ndim >= {min_ndim}"
+    return False, f"ndim < {min_ndim}"
 
-  mask.__qualname__ = f"by_ndim({min_ndim})"
-  return mask
+  return Rule(f"by_ndim({min_ndim})", explain)
 
 
-def all_floating(path: str, leaf: Any) -> bool:
-  """Selects every floating (or complex) leaf, biases and norm scales included.
+def _explain_floating(leaf: Leaf) -> tuple[bool, str]:
+  return (True, "floating") if is_inexact(leaf.value) else (False, Role.NOT_FLOATING)
+
+
+all_floating = Rule("all_floating", _explain_floating)
+all_floating.__doc__ = """Selects every floating (or complex) leaf, biases and norm scales included.
 
   Example:
     >>> all_floating("dense/bias", 1.5), all_floating("step", 3)
     (True, False)
   """
-  del path
-  return is_inexact(leaf)
 
 
-def by_name(*names: str) -> LeafMask:
+def _no_match_error(kind: str, what: str, candidates: Sequence[str], fix: str) -> ValueError:
+  near = difflib.get_close_matches(what, sorted(set(candidates)), n=3, cutoff=0.5)
+  hint = f" Near misses: {', '.join(map(repr, near))}." if near else ""
+  examples = ", ".join(repr(c) for c in list(dict.fromkeys(candidates))[:4])
+  return ValueError(
+    f"`{kind}` {what!r} matches no leaf of these params, so it would silently select "
+    f"nothing (a typo drops that group). The params have {examples}...{hint} {fix} "
+    "Pass `strict=False` if it is meant to match only some models."
+  )
+
+
+def by_name(*names: str, strict: bool = True) -> Rule:
   """Selects leaves whose last path key is one of ``names``.
+
+  Args:
+    *names: key names, e.g. ``"kernel"``, ``"embedding"``.
+    strict: a name that is the last key of no leaf of the params is an error
+      (raised where the mask meets the params), so a typo cannot silently drop
+      a group. ``False`` allows it.
 
   Example:
     >>> mask = by_name("kernel", "embedding")
@@ -98,19 +208,30 @@ def by_name(*names: str) -> LeafMask:
     raise TypeError(f"`by_name` takes one or more key names as strings; got {names!r}.")
   wanted = frozenset(names)
 
-  def mask(path: str, leaf: Any) -> bool:
-    del leaf
-    return path.rsplit("/", 1)[-1] in wanted
+  def explain(leaf: Leaf) -> tuple[bool, str]:
+    last = leaf.path.rsplit("/", 1)[-1]
+    return (True, f"name {last!r}") if last in wanted else (False, "no name matched")
 
-  mask.__qualname__ = f"by_name{tuple(names)!r}"
-  return mask
+  def check(paths: Sequence[str]) -> None:
+    keys = [p.rsplit("/", 1)[-1] for p in paths]
+    for name in names:
+      if name not in keys:
+        raise _no_match_error("by_name", name, keys, "Names are compared with the last path key.")
+
+  return Rule(f"by_name{tuple(names)!r}", explain, check if strict else None)
 
 
-def by_regex(patterns: str | Mapping[str, float]) -> LeafMask:
+def by_regex(patterns: str | Mapping[str, float], *, strict: bool = True) -> Rule:
   """Selects leaves whose path matches a regex (`re.fullmatch`).
 
   With a mapping ``{pattern: multiplier}`` the first matching pattern (in
   insertion order) gives the leaf's multiplier on λ; unmatched leaves get 0.
+
+  Args:
+    patterns: a regex, or a ``{regex: multiplier}`` mapping.
+    strict: a pattern that matches no leaf path of the params is an error
+      (raised where the mask meets the params). A pattern whose paths are all
+      taken by earlier patterns is fine. ``False`` allows unmatched patterns.
 
   Example:
     >>> mask = by_regex({r".*/embedding": 0.1, r".*/kernel": 1.0})
@@ -125,7 +246,7 @@ def by_regex(patterns: str | Mapping[str, float]) -> LeafMask:
     raise TypeError(
       f"`by_regex` takes a pattern string or a {{pattern: multiplier}} mapping; got {patterns!r}."
     )
-  compiled: list[tuple[re.Pattern[str], float]] = []
+  compiled: list[tuple[str, re.Pattern[str], float]] = []
   for pattern, multiplier in table.items():
     if not isinstance(pattern, str):
       raise TypeError(f"`by_regex` patterns must be strings; got {pattern!r}.")
@@ -133,18 +254,21 @@ def by_regex(patterns: str | Mapping[str, float]) -> LeafMask:
       regex = re.compile(pattern)
     except re.error as err:
       raise ValueError(f"`by_regex` pattern {pattern!r} is not a valid regex: {err}.") from None
-    compiled.append((regex, to_multiplier(multiplier, f"by_regex pattern {pattern!r}")))
+    compiled.append((pattern, regex, to_multiplier(multiplier, f"by_regex pattern {pattern!r}")))
   single = isinstance(patterns, str)
 
-  def mask(path: str, leaf: Any) -> bool | float:
-    del leaf
-    for regex, multiplier in compiled:
-      if regex.fullmatch(path):
-        return True if single else multiplier
-    return False if single else 0.0
+  def explain(leaf: Leaf) -> tuple[bool | float, str]:
+    for pattern, regex, multiplier in compiled:
+      if regex.fullmatch(leaf.path):
+        return (True if single else multiplier), f"pattern {pattern!r}"
+    return (False if single else 0.0), "no pattern matched"
 
-  mask.__qualname__ = f"by_regex({patterns!r})"
-  return mask
+  def check(paths: Sequence[str]) -> None:
+    for pattern, regex, _ in compiled:
+      if not any(regex.fullmatch(p) for p in paths):
+        raise _no_match_error("by_regex", pattern, paths, "Patterns must match the whole path.")
+
+  return Rule(f"by_regex({patterns!r})", explain, check if strict else None)
 
 
 def to_multiplier(value: Any, where: str) -> float:
@@ -176,11 +300,20 @@ def to_multiplier(value: Any, where: str) -> float:
 
 
 class Selection(NamedTuple):
-  """The resolved mask: every leaf with its multiplier (0.0 = not selected)."""
+  """The resolved mask: every leaf with its multiplier (0.0 = not selected) and why.
+
+  Attributes:
+    leaves: every leaf of the params, in pytree order.
+    multipliers: each leaf's multiplier on λ; 0.0 for a leaf not penalized.
+    treedef: the params' structure, to rebuild a params-shaped tree.
+    reasons: for each leaf, the rule that decided ("kernel", "bias",
+      "not an nnx.Param (BatchStat)", "pattern '.*/kernel'", "mask"...).
+  """
 
   leaves: list[Leaf]
   multipliers: list[float]
   treedef: jax.tree_util.PyTreeDef
+  reasons: list[str]
 
   @property
   def selected(self) -> list[tuple[Leaf, float]]:
@@ -194,11 +327,12 @@ ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, numbers.Number)
 
 def _check_leaf_types(leaves: list[Leaf]) -> None:
   for leaf in leaves:
-    if not isinstance(leaf.value, ARRAY_TYPES):
+    if not leaf.not_array and not isinstance(leaf.value, ARRAY_TYPES):
       raise TypeError(
         f"leaf at {leaf.path!r} is a {type(leaf.value).__name__} ({leaf.value!r:.60}); "
         "parameter pytrees may hold only arrays and numbers. Remove it, or store it "
-        "outside the params."
+        "outside the params. (Equinox modules may hold functions and strings: their "
+        "non-array fields are skipped.)"
       )
 
 
@@ -216,18 +350,23 @@ def _takes_path_and_leaf(fn: Callable[..., Any]) -> bool:
   return len(positional) >= 2 or has_varargs
 
 
-def _is_trainable(leaf: Leaf) -> bool:
-  if leaf.variable is None:
-    return True
-  from flax import nnx  # Only reached when the params hold NNX variables.
+def _never_a_parameter(leaf: Leaf) -> str | None:
+  """Why a leaf can never be penalized, whatever the mask; None if it can be."""
+  if leaf.not_array:
+    return "not an array (Equinox field)"
+  if leaf.variable is not None:
+    from flax import nnx  # Only reached when the params hold NNX variables.
 
-  return issubclass(leaf.variable, nnx.Param)
+    if not issubclass(leaf.variable, nnx.Param):
+      return f"not an nnx.Param ({leaf.variable.__name__})"
+  return None
 
 
-_DEFAULT = by_ndim(2)
+_DEFAULT = by_role()
 
 
-def _multipliers_from_tree(mask_tree: Any, params: Any, n_leaves: int) -> list[float]:
+def _values_from_tree(mask_tree: Any, params: Any) -> list[Any]:
+  """The mask pytree's value for each leaf of ``params`` (a prefix value repeated)."""
   mask_leaves, mask_def = jax.tree_util.tree_flatten(mask_tree)
   try:
     subtrees = mask_def.flatten_up_to(params)
@@ -237,52 +376,78 @@ def _multipliers_from_tree(mask_tree: Any, params: Any, n_leaves: int) -> list[f
       f"  mask:   {mask_def}\n  params: {jax.tree_util.tree_structure(params)}\n"
       f"  ({err})"
     ) from None
-  multipliers: list[float] = []
+  values: list[Any] = []
   for value, subtree in zip(mask_leaves, subtrees, strict=True):
-    count = jax.tree_util.tree_structure(subtree).num_leaves
-    multipliers.extend([to_multiplier(value, "a mask pytree leaf")] * count)
-  if len(multipliers) != n_leaves:  # pragma: no cover - guarded by flatten_up_to
-    raise ValueError("`mask` pytree does not line up with `params`.")
-  return multipliers
+    values.extend([value] * jax.tree_util.tree_structure(subtree).num_leaves)
+  return values
 
 
-def resolve(params: Any, mask: MaskSpec = None, *, allow_empty: bool = False) -> Selection:
-  """Resolves ``mask`` against ``params`` into per-leaf multipliers.
+def _raw_decisions(params: Any, leaves: list[Leaf], mask: MaskSpec) -> list[tuple[Any, str]]:
+  """(mask value, reason) per leaf, before the rules that hold for every mask."""
+  rule = _DEFAULT if mask is None else mask
+  if isinstance(rule, Rule):
+    return [rule.explain(leaf) for leaf in leaves]
+  if callable(rule) and _takes_path_and_leaf(rule):
+    return [
+      (False, "") if leaf.not_array else (rule(leaf.path, leaf.value), "mask") for leaf in leaves
+    ]
+  mask_tree = rule(params) if callable(rule) else rule
+  return [(value, "mask") for value in _values_from_tree(mask_tree, params)]
+
+
+def resolve(
+  params: Any, mask: MaskSpec = None, *, allow_empty: bool = False, check_patterns: bool = True
+) -> Selection:
+  """Resolves ``mask`` against ``params`` into per-leaf multipliers and reasons.
 
   Runs in Python on the pytree structure (shapes, dtypes, paths), so it works
-  on tracers and costs nothing at run time under `jax.jit`.
+  on tracers and costs nothing at run time under `jax.jit`. Whatever the
+  mask, Equinox non-array fields and non-``nnx.Param`` Variables get 0, and a
+  Variable referenced at several paths is counted once, at its first path,
+  with the largest multiplier any of its paths gets.
 
   Raises:
-    TypeError: a leaf that is not an array or number; a mask value that is
-      not a bool or number; a selected integer, boolean or key leaf.
+    TypeError: a leaf that is not an array or number (outside Equinox
+      modules); a mask value that is not a bool or number; a selected
+      integer, boolean or key leaf.
     ValueError: a mask pytree that does not match ``params``; a negative or
-      non-finite multiplier; a mask that selects nothing from non-empty params
+      non-finite multiplier; a `by_regex`/`by_name` pattern that matches no
+      path (when strict); a mask that selects nothing from non-empty params
       (unless ``allow_empty``).
   """
   leaves, treedef = flatten(params)
   _check_leaf_types(leaves)
-  if mask is None:
-    multipliers = [
-      1.0 if _DEFAULT(leaf.path, leaf.value) and _is_trainable(leaf) else 0.0 for leaf in leaves
-    ]
-  elif callable(mask) and _takes_path_and_leaf(mask):
-    multipliers = [to_multiplier(mask(leaf.path, leaf.value), repr(leaf.path)) for leaf in leaves]
-  else:
-    mask_tree = mask(params) if callable(mask) else mask
-    multipliers = _multipliers_from_tree(mask_tree, params, len(leaves))
-
-  for leaf, multiplier in zip(leaves, multipliers, strict=True):
-    if multiplier != 0.0 and not is_inexact(leaf.value):
+  if check_patterns and isinstance(mask, Rule):
+    mask.check([leaf.path for leaf in leaves])
+  multipliers: list[float] = []
+  reasons: list[str] = []
+  first_index: dict[str, int] = {}
+  for i, (leaf, (value, reason)) in enumerate(
+    zip(leaves, _raw_decisions(params, leaves, mask), strict=True)
+  ):
+    never = _never_a_parameter(leaf)
+    multiplier = 0.0 if never else to_multiplier(value, repr(leaf.path))
+    if not never and multiplier != 0.0 and not is_inexact(leaf.value):
       dtype = getattr(leaf.value, "dtype", type(leaf.value).__name__)
       raise TypeError(
         f"leaf at {leaf.path!r} has dtype {dtype}; only floating or complex leaves can be "
         "penalized. Leave it out of the `mask`."
       )
+    if leaf.shared_with is not None and leaf.shared_with in first_index:
+      j = first_index[leaf.shared_with]
+      multipliers[j] = max(multipliers[j], multiplier)
+      multiplier, never = 0.0, f"same Variable as {leaf.shared_with!r}"
+    elif leaf.variable is not None:
+      first_index[leaf.path] = i
+    multipliers.append(multiplier)
+    reasons.append(never or reason)
+
   if leaves and not allow_empty and not any(multipliers):
     raise ValueError(
       f"`mask` selected no parameters out of {len(leaves)} leaves, so the penalty would be "
-      "a silent 0. The default keeps floating leaves with ndim >= 2; pass "
+      "a silent 0. The default (`jaxl2.by_role()`) keeps the weight matrices of layers "
+      "(kernels, token embeddings), not biases, norm scales or state; pass "
       f"`mask=jaxl2.all_floating` or a mask that matches your paths, which look like "
       f"{', '.join(repr(leaf.path) for leaf in leaves[:3])}. {_HOW_TO_CHECK}"
     )
-  return Selection(leaves, multipliers, treedef)
+  return Selection(leaves, multipliers, treedef, reasons)

@@ -1,7 +1,12 @@
-"""Flattening parameter pytrees into named leaves.
+"""Flattening parameter pytrees into named leaves, with what owns each one.
 
 Every API that reports or selects leaves by name goes through `flatten`, so a
 path means the same thing in a mask, in `describe` and in an error message.
+Besides the path, a leaf carries what a role-based mask needs and a bare
+pytree flattening forgets: the class of the module that holds it (an Equinox
+``LayerNorm``'s ``weight`` is a norm scale), its Flax NNX Variable type, and
+whether it is a second reference to an NNX Variable already seen (tied
+weights are one parameter).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import sys
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 __all__ = ["Leaf", "flatten", "path_str"]
 
@@ -19,14 +25,25 @@ class Leaf(NamedTuple):
 
   Attributes:
     path: the parameter's name, keys joined with ``/`` (``params/Dense_0/kernel``).
-    value: the array (or Python number) stored there.
+    value: the array (or Python number, or an Equinox module's non-array field).
     variable: for Flax NNX, the `nnx.Variable` subclass that holds the array
       (``Param``, ``BatchStat``, ``RngKey``...); ``None`` for plain pytrees.
+    owner: the class name of the innermost object (not a dict, list, tuple or
+      NNX Variable) that holds the leaf: ``"Linear"``, ``"LayerNorm"``; ``None``
+      in plain containers.
+    shared_with: for a second (third...) reference to one NNX Variable, the
+      path of its first reference; ``None`` otherwise.
+    not_array: inside an Equinox module, a leaf that `equinox.is_array` would
+      reject (an activation function, a string, a bool, a Python float): not
+      a parameter.
   """
 
   path: str
   value: Any
-  variable: type | None
+  variable: type | None = None
+  owner: str | None = None
+  shared_with: str | None = None
+  not_array: bool = False
 
 
 def _key_str(key: Any) -> str:
@@ -60,11 +77,63 @@ def path_str(key_path: tuple[Any, ...]) -> str:
   return "/".join(_key_str(k) for k in keys)
 
 
-def _nnx_variable_class() -> type | None:
-  # Only look for Flax if the user already imported it: jaxl2 must not pay
-  # Flax's import time on plain pytrees.
-  nnx = sys.modules.get("flax.nnx")
-  return getattr(nnx, "Variable", None) if nnx is not None else None
+def _loaded(module: str, name: str) -> type | None:
+  # Only look for a framework the user already imported: jaxl2 must not pay
+  # Flax's or Equinox's import time on plain pytrees.
+  mod = sys.modules.get(module)
+  return getattr(mod, name, None) if mod is not None else None
+
+
+_PLAIN = (dict, list, tuple)
+_ARRAYS = (jax.Array, np.ndarray, np.generic)
+
+
+class _Walk:
+  """One depth-first pass in `jax.tree_util` order, recording each leaf's context."""
+
+  def __init__(self) -> None:
+    self.variable_cls = _loaded("flax.nnx", "Variable")
+    self.state_cls = _loaded("flax.nnx", "State")
+    self.eqx_module = _loaded("equinox", "Module")
+    self.seen: dict[int, str] = {}
+    self.leaves: list[Leaf] = []
+
+  def _container(self, node: Any) -> bool:
+    return isinstance(node, _PLAIN) or (
+      self.state_cls is not None and isinstance(node, self.state_cls)
+    )
+
+  def visit(self, node: Any, keys: tuple[Any, ...], context: dict[str, Any]) -> None:
+    if node is None:
+      return
+    children = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
+    if len(children) == 1 and children[0][1] is node:  # a leaf
+      self._emit(node, keys, context)
+      return
+    context = dict(context)
+    if self.variable_cls is not None and isinstance(node, self.variable_cls):
+      context["variable"] = type(node)
+      context["first"] = self.seen.setdefault(id(node), path_str(keys))
+    elif not self._container(node):
+      context["owner"] = type(node).__name__
+      if self.eqx_module is not None and isinstance(node, self.eqx_module):
+        context["equinox"] = True
+    for key_path, child in children:
+      self.visit(child, (*keys, *key_path), context)
+
+  def _emit(self, value: Any, keys: tuple[Any, ...], context: dict[str, Any]) -> None:
+    path = path_str(keys)
+    first = context.get("first")
+    self.leaves.append(
+      Leaf(
+        path=path,
+        value=value,
+        variable=context.get("variable"),
+        owner=context.get("owner"),
+        shared_with=first if first is not None and first != path else None,
+        not_array=bool(context.get("equinox")) and not isinstance(value, _ARRAYS),
+      )
+    )
 
 
 def flatten(params: Any) -> tuple[list[Leaf], jax.tree_util.PyTreeDef]:
@@ -76,23 +145,12 @@ def flatten(params: Any) -> tuple[list[Leaf], jax.tree_util.PyTreeDef]:
     The leaves and the treedef that `jax.tree_util.tree_unflatten` takes to
     rebuild a pytree of the same structure.
   """
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-  variables = _variable_types(params, len(with_path))
-  leaves = [
-    Leaf(path_str(kp), value, var) for (kp, value), var in zip(with_path, variables, strict=True)
-  ]
-  return leaves, treedef
-
-
-def _variable_types(params: Any, n_leaves: int) -> list[type | None]:
-  variable_cls = _nnx_variable_class()
-  if variable_cls is None:
-    return [None] * n_leaves
-  outer = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, variable_cls))
-  types: list[type | None] = []
-  for node in outer:
-    if isinstance(node, variable_cls):
-      types.extend([type(node)] * len(jax.tree_util.tree_leaves(node)))
-    else:
-      types.append(None)
-  return types
+  walk = _Walk()
+  walk.visit(params, (), {})
+  treedef = jax.tree_util.tree_structure(params)
+  if len(walk.leaves) != treedef.num_leaves:  # pragma: no cover - a pytree that flattens oddly
+    raise TypeError(
+      f"`params` flattened to {treedef.num_leaves} leaves but {len(walk.leaves)} were found "
+      "walking it; jaxl2 needs a pytree whose nodes flatten consistently."
+    )
+  return walk.leaves, treedef

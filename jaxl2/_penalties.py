@@ -26,6 +26,7 @@ __all__ = [
   "l2_from_sq_norm",
   "l2_penalty",
   "l2_penalty_grad",
+  "lam_over_m",
   "regularized",
   "sum_of_squares",
   "upcast",
@@ -37,15 +38,17 @@ _WIDE = frozenset({jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)})
 
 
 def accumulation_dtype(selection: Selection) -> jnp.dtype:
-  """float64 if any selected leaf is float64/complex128, else float32.
+  """float64 if any selected leaf is float64/complex128 and 64-bit is enabled, else float32.
 
   Python numbers count as float32 (JAX's weak types), so a stray ``1.0`` leaf
-  does not switch a float32 model to float64 under ``jax_enable_x64``.
+  does not switch a float32 model to float64 under ``jax_enable_x64``. NumPy
+  float64 leaves with 64-bit disabled are computed in float32, as JAX computes
+  everything then (asking for float64 would only warn and truncate).
   """
   for leaf, _ in selection.selected:
     dtype = getattr(leaf.value, "dtype", None)
     if dtype is not None and jnp.dtype(dtype) in _WIDE:
-      return jnp.dtype(jnp.float64)
+      return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
   return jnp.dtype(jnp.float32)
 
 
@@ -55,13 +58,33 @@ def sum_of_squares(selection: Selection, acc: jnp.dtype) -> jax.Array:
   return weighted_sum([leaf.value for leaf, _ in selected], [c for _, c in selected], squares, acc)
 
 
-def _scalar(value: Any, acc: jnp.dtype) -> jax.Array:
-  return jnp.asarray(value).astype(acc)
+def _concrete(value: Any) -> float | None:
+  """A concrete scalar as a Python float (exact for any integer up to 2**53), or None."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  return float(value)
+
+
+def lam_over_m(lam: Any, m: Any, acc: jnp.dtype, *, half: bool = False) -> jax.Array:
+  """λ/m (λ/2m with ``half``) as a 0-d array of dtype ``acc``.
+
+  Concrete values are divided in Python's float64 and rounded once, so an
+  integer m of any size and type (a token count of 2·10¹², a NumPy int64 or
+  uint64) is exact: never an int32 overflow or a wrap-around. A traced λ or m
+  is cast to ``acc`` first.
+  """
+  lam_f, m_f = _concrete(lam), _concrete(m)
+  denominator = 2.0 if half else 1.0
+  if lam_f is not None and m_f is not None:
+    return jnp.asarray(lam_f / (denominator * m_f), acc)
+  lam_a = jnp.asarray(lam_f, acc) if lam_f is not None else jnp.asarray(lam).astype(acc)
+  m_a = jnp.asarray(m_f, acc) if m_f is not None else jnp.asarray(m).astype(acc)
+  return lam_a / (denominator * m_a)
 
 
 def l2_from_sq_norm(sq_norm: jax.Array, lam: Any, m: Any) -> jax.Array:
   """(λ / 2m) · sq_norm in the dtype of ``sq_norm``: the one place the formula is written."""
-  return _scalar(lam, sq_norm.dtype) / (2 * _scalar(m, sq_norm.dtype)) * sq_norm
+  return lam_over_m(lam, m, sq_norm.dtype, half=True) * sq_norm
 
 
 def weight_sq_norm(params: Any, *, mask: MaskSpec = None) -> jax.Array:
@@ -101,8 +124,9 @@ def l2_penalty(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> jax.A
       caught under `jax.experimental.checkify.checkify`.
     m: the number of training inputs (the training set, not the batch), > 0.
       May be traced, with the same caveat.
-    mask: which leaves count, and with what multiplier; see `jaxl2.by_ndim`.
-      Default: floating leaves with ndim ≥ 2 (kernels, embeddings).
+    mask: which leaves count, and with what multiplier; see `jaxl2.by_role`.
+      Default: `jaxl2.by_role()`, the weight matrices of layers (kernels,
+      token embeddings) by name, module and type, not biases or norm scales.
 
   Returns:
     A 0-d float32 array, float64 if a selected leaf is float64/complex128,
@@ -151,10 +175,17 @@ def grad_tree(
   leaf_grad: LeafGrad,
   anchors: list[Any] | None = None,
 ) -> Any:
-  """``leaf_grad`` on the selected leaves (cast back to each leaf's dtype), zeros elsewhere."""
+  """``leaf_grad`` on the selected leaves (cast back to each leaf's dtype), zeros elsewhere.
+
+  Zeros too at the second path of a shared NNX Variable (its gradient is at
+  its first path) and None at an Equinox module's non-array fields.
+  """
   anchors = anchors if anchors is not None else [None] * len(selection.leaves)
   out = []
   for leaf, ref, multiplier in zip(selection.leaves, anchors, selection.multipliers, strict=True):
+    if leaf.not_array:  # An Equinox field such as an activation: None, as `eqx.filter_grad` gives.
+      out.append(None)
+      continue
     value = jnp.asarray(leaf.value)
     if multiplier == 0.0:
       # Not zeros_like: under jit with sharded (Auto-axis) params it comes back
@@ -191,7 +222,7 @@ def l2_penalty_grad(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> 
   check_m(m)
   selection = resolve(params, mask)
   acc = accumulation_dtype(selection)
-  scale = _scalar(lam, acc) / _scalar(m, acc)
+  scale = lam_over_m(lam, m, acc)
   return grad_tree(selection, scale, acc, lambda w, _, coef: coef * conj_upcast(w, acc))
 
 

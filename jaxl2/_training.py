@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from jaxl2._checks import check_lam, check_m
 from jaxl2._masks import MaskSpec, resolve
 from jaxl2._paths import path_str
-from jaxl2._penalties import l2_from_sq_norm, weight_sq_norm
+from jaxl2._penalties import accumulation_dtype, l2_from_sq_norm, weight_sq_norm
 
 __all__ = ["TrainState", "TrainStep", "accuracy", "make_eval_step", "make_train_step"]
 
@@ -44,7 +44,9 @@ class TrainState(NamedTuple):
     params: the model parameters.
     opt_state: the optax optimizer state.
     step: number of steps taken (int32).
-    lam: λ, a float32 scalar array. Change it with `TrainStep.set_lam`.
+    lam: λ, a 0-d array in the penalty's accumulation dtype (float32, or
+      float64 for float64 params with 64-bit enabled). Change it with
+      `TrainStep.set_lam`.
   """
 
   params: Any
@@ -53,11 +55,11 @@ class TrainState(NamedTuple):
   lam: jax.Array
 
 
-def _as_lam(lam: Any) -> jax.Array:
+def _as_lam(lam: Any, dtype: Any) -> jax.Array:
   check_lam(lam)
   # A fresh buffer each time: the state is donated, and a shared λ array would
   # be deleted by the first step that consumed it.
-  return jnp.array(lam, jnp.float32, copy=True)
+  return jnp.array(lam, dtype, copy=True)
 
 
 def _check_sharding_spec(spec: ShardingSpec, name: str, what: str) -> None:
@@ -219,7 +221,7 @@ class TrainStep:
       ValueError: the mask selects nothing; ``param_sharding`` does not match
         the params' structure or does not divide a leaf's shape.
     """
-    resolve(params, self.mask)
+    selection = resolve(params, self.mask)
     if self.param_sharding is not None:
       params = _place(params, self.param_sharding, "param_sharding", "params", copy=True)
     else:
@@ -229,7 +231,7 @@ class TrainStep:
       params=params,
       opt_state=self.optimizer.init(params),
       step=jnp.zeros([], jnp.int32),
-      lam=_as_lam(self.lam if lam is None else lam),
+      lam=_as_lam(self.lam if lam is None else lam, accumulation_dtype(selection)),
     )
     mesh = _mesh_of(params)
     return state if mesh is None else _replicate_over(state, mesh)
@@ -239,7 +241,7 @@ class TrainStep:
 
     The new λ is placed like the old one (replicated over a sharded state's mesh).
     """
-    new = _as_lam(lam)
+    new = _as_lam(lam, state.lam.dtype)
     old = getattr(state.lam, "sharding", None)
     if old is not None and len(old.device_set) > 1:
       new = jax.device_put(np.asarray(new), old)  # as `init` placed it (see _replicate_over)
@@ -390,12 +392,22 @@ def accuracy(outputs: jax.Array, targets: jax.Array) -> jax.Array:
   """Classification accuracy, decided from shapes (static, so safe under jit).
 
   Multi-class ``outputs`` (..., K) with K > 1 are compared by argmax with
-  integer labels, or with one-hot ``targets`` of the same rank. A single
-  logit (..., 1) or (...,) is thresholded at 0 against 0/1 targets.
+  one-hot ``targets`` of the same shape (..., K), or else with class labels
+  of shape (...) or (..., 1). A single logit (..., 1) or (...,) is
+  thresholded at 0 against 0/1 targets.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxl2
+    >>> logits = jnp.array([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0]])
+    >>> jaxl2.accuracy(logits, jnp.array([[0], [1]])), jaxl2.accuracy(logits, jnp.eye(3)[:2])
+    (Array(1., dtype=float32), Array(1., dtype=float32))
   """
   if outputs.ndim and outputs.shape[-1] > 1:
     predicted = jnp.argmax(outputs, axis=-1)
-    labels = jnp.argmax(targets, axis=-1) if targets.ndim == outputs.ndim else targets
+    if targets.shape == outputs.shape:
+      labels = jnp.argmax(targets, axis=-1)
+    else:
+      labels = targets.reshape(predicted.shape)
   else:
     predicted = (outputs > 0).reshape(targets.shape)
     labels = targets.astype(bool)

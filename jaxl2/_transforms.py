@@ -59,7 +59,13 @@ def _check_lam_or_schedule(lam: Any) -> None:
 def _coupled(
   name: str, lam: float | Schedule, grad_fn: Callable[[Any, Any], Any], check: Callable[[Any], None]
 ) -> optax.GradientTransformation:
-  """Adds ``grad_fn(params, λ_t)`` to the updates; λ_t is ``lam`` or ``lam(count)``."""
+  """Adds the decay ``grad_fn(params, λ_t)`` to the updates; λ_t is ``lam`` or ``lam(count)``.
+
+  On complex leaves JAX's gradient of the penalty is (λ/m)·conj(W), but an
+  optax update must point along W to shrink it (optax takes the conjugate of
+  JAX's gradient for complex parameters, as `optax.add_decayed_weights` adds
+  wd·W): the decay added is (λ/m)·W, so SGD drives |W| toward 0.
+  """
 
   def init_fn(params: Any) -> AddL2GradState:
     check(params)  # resolve the mask now: a bad mask fails at init, not at step 1
@@ -72,7 +78,9 @@ def _coupled(
       raise ValueError(_NEEDS_PARAMS.format(name=name))
     lam_t = lam(state.count) if callable(lam) else lam
     decay = grad_fn(params, lam_t)
-    updates = jax.tree_util.tree_map(lambda u, d: u + d.astype(u.dtype), updates, decay)
+    updates = jax.tree_util.tree_map(
+      lambda u, d: u + (jnp.conj(d) if jnp.iscomplexobj(d) else d).astype(u.dtype), updates, decay
+    )
     return updates, AddL2GradState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -44,6 +45,7 @@ import numpy as np
 
 from jaxl2._checks import check_lam, check_m
 from jaxl2._masks import MaskSpec, Selection, all_floating, is_inexact, resolve
+from jaxl2._paths import flatten
 from jaxl2._penalties import l2_penalty_grad
 
 __all__ = ["VerifyReport", "VerifyRow", "verify_penalty", "verify_update"]
@@ -644,7 +646,7 @@ def verify_penalty(
     params: the params ``loss_fn`` takes; any pytree `jaxl2.l2_penalty` accepts.
     lam: λ ≥ 0 to check at.
     m: the number of training inputs, > 0.
-    mask: the intended selection, as for `jaxl2.l2_penalty` (default: ndim ≥ 2).
+    mask: the intended selection, as for `jaxl2.l2_penalty` (default: `jaxl2.by_role()`).
       A mask that selects nothing raises, as everywhere in jaxl2; a mask in
       the *user's* code that matches nothing shows as every leaf ``missing``.
     batch_size: the batch size the loss averages over, if known: a factor of
@@ -687,6 +689,7 @@ def verify_penalty(
     )
   _check_options(lam, m, rtol, batch_size)
   selection = resolve(params, mask)
+  params, selection, loss_fn = _nnx_params(params, selection, loss_fn)
   tree, probe = _probe(params)
   multipliers = [selection.multipliers[i] for i in tree.index]
   stats = _penalty_stats(loss_fn, tree, probe, multipliers, lam, float(m))
@@ -775,6 +778,7 @@ def verify_update(
   _check_transform(base_tx, "base_tx")
   _check_options(lam, m, rtol, batch_size)
   selection = resolve(params, mask)
+  params, selection, _ = _nnx_params(params, selection, None)
   tree, probe = _probe(params)
   if grads is not None:
     grads = _pick_grads(tree, grads, probe)
@@ -782,6 +786,38 @@ def verify_update(
   stats = _update_stats(tx, base_tx, tree, probe, grads, multipliers, float(lam), float(m))
   units = _Units(1.0, float(m), batch_size, float(rtol), "decayed")
   return _report("verify_update", selection, tree, stats, units, lam)
+
+
+def _nnx_params(
+  params: Any, selection: Selection, loss_fn: Callable[..., Any] | None
+) -> tuple[Any, Selection, Any]:
+  """A Flax NNX module as its ``nnx.Param`` state: one leaf per Variable (tied weights once).
+
+  Differentiating a module as a plain pytree would give each reference to a
+  shared Variable a leaf of its own, so a correct penalty on tied weights
+  would look doubled. The check runs on ``nnx.split``'s Param state instead,
+  with ``loss_fn`` called on the merged module; the selection is the one
+  resolved on the module, read at each Variable's (first) path.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is None or not isinstance(params, nnx.Module):
+    return params, selection, loss_fn
+  graphdef, state, rest = nnx.split(params, nnx.Param, ...)
+  by_path = {
+    leaf.path: (multiplier, reason)
+    for leaf, multiplier, reason in zip(
+      selection.leaves, selection.multipliers, selection.reasons, strict=True
+    )
+  }
+  leaves, treedef = flatten(state)
+  decided = [by_path[leaf.path] for leaf in leaves]
+  state_selection = Selection(leaves, [d[0] for d in decided], treedef, [d[1] for d in decided])
+
+  def on_state(param_state: Any, lam: Any) -> Any:
+    # copy=True: fresh Variables at this trace level, so the model may update its state.
+    return loss_fn(nnx.merge(graphdef, param_state, rest, copy=True), lam)
+
+  return state, state_selection, (on_state if loss_fn is not None else None)
 
 
 def _pick_grads(tree: _Tree, grads: Any, floats: list[jax.Array]) -> list[jax.Array]:

@@ -187,6 +187,6 @@ def low_precision_tree(dtype: Any, seed: int = 0) -> dict[str, jax.Array]:
   """1,000,000 standard-normal weights in two leaves of ``dtype`` (bf16/fp16 precision tests)."""
   rng = np.random.default_rng(seed)
   return {
-    "a": jnp.asarray(rng.normal(size=(1000, 600)), dtype),
-    "b": jnp.asarray(rng.normal(size=(500, 800)), dtype),
+    "w_a": jnp.asarray(rng.normal(size=(1000, 600)), dtype),
+    "w_b": jnp.asarray(rng.normal(size=(500, 800)), dtype),
   }

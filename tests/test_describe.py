@@ -35,10 +35,15 @@ def test_table_text_shows_exclusions_at_a_glance():
   params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}, "step": jnp.int32(0)}
   text = str(jaxl2.describe(params, lam=1.0, m=2))
   lines = text.splitlines()
-  assert lines[0].split() == ["path", "shape", "dtype", "size", "selected", "mult", "‖W‖²"]
+  assert lines[0].split() == [
+    "path", "shape", "dtype", "size", "selected", "mult", "‖W‖²", "why",
+  ]  # fmt: skip
   row = {line.split()[0]: line.split() for line in lines[2:5]}
   assert row["dense/kernel"][1:5] == ["2x3", "float32", "6", "yes"]
-  assert row["dense/bias"][4] == "no" and row["step"][4] == "no" and row["step"][-1] == "-"
+  assert row["dense/bias"][4] == "no" and row["dense/bias"][-1] == "bias"
+  assert (
+    row["step"][4] == "no" and row["step"][6] == "-" and row["step"][-2:] == ["not", "floating"]
+  )
   assert "penalized: 1 of 3 leaves, 6 of 10 parameters (60.0%)" in text
   assert "penalty (λ/2m)·Σ c·‖W‖² with λ=1, m=2: 1.5" in text
 
@@ -59,3 +64,25 @@ def test_multipliers_are_reported():
   assert d.rows[0].multiplier == 0.5
   np.testing.assert_allclose(d.weighted_sq_norm, 8.0, rtol=0)
   np.testing.assert_allclose(d.penalty, 4.0, rtol=0)
+
+
+def test_html_table_for_notebooks():
+  params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}, "a<b": jnp.ones((2, 2))}
+  page = jaxl2.describe(params, lam=1.0, m=2)._repr_html_()
+  assert page.startswith("<table>") and page.count("<tr>") == 1 + 3
+  assert "<th>why</th>" in page and "<td>dense/kernel</td>" in page
+  assert "a&lt;b" in page and "a<b" not in page  # paths are escaped
+  assert "penalized: 2 of 3 leaves" in page
+
+
+def test_equinox_function_fields_are_rows_of_no_parameters():
+  import equinox as eqx
+  import jax
+
+  mlp = eqx.nn.MLP(4, 3, 8, 2, key=jax.random.key(0))
+  rows = {r.path: r for r in jaxl2.describe(mlp).rows}
+  assert rows["activation"].why == "not an array (Equinox field)"
+  assert rows["activation"].size == 0 and not rows["activation"].selected
+  assert jaxl2.describe(mlp).params_total == sum(
+    w.size for w in jax.tree_util.tree_leaves(eqx.filter(mlp, eqx.is_array))
+  )

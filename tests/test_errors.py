@@ -92,8 +92,8 @@ def test_mask_structure_mismatch_shows_both_structures():
 @pytest.mark.parametrize(
   "mask",
   [
-    jaxl2.by_regex(r"nothing/.*"),
-    jaxl2.by_name("weight"),
+    jaxl2.by_regex(r"nothing/.*", strict=False),
+    jaxl2.by_name("weight", strict=False),
     {"dense": {"kernel": False, "bias": False}},
   ],
 )
@@ -102,6 +102,33 @@ def test_mask_selecting_nothing_is_an_error(mask):
     ValueError, match=r"`mask` selected no parameters out of 2 leaves.*'dense/bias'"
   ):
     jaxl2.l2_penalty(PARAMS, 0.1, 10, mask=mask)
+
+
+@pytest.mark.parametrize(
+  ("mask", "named", "near"),
+  [
+    (jaxl2.by_regex(r".*LayerNorm.*"), "'.*LayerNorm.*'", None),
+    (jaxl2.by_regex({r".*/kernel": 1.0, r"dense/biass": 0.5}), "'dense/biass'", "'dense/bias'"),
+    (jaxl2.by_name("kernel", "kernal"), "'kernal'", "'kernel'"),
+  ],
+)
+@pytest.mark.parametrize("api", ["l2_penalty", "describe", "add_l2_grad"])
+def test_pattern_that_matches_nothing_is_an_error_naming_it(mask, named, near, api):
+  run = {
+    "l2_penalty": lambda: jaxl2.l2_penalty(PARAMS, 0.1, 10, mask=mask),
+    "describe": lambda: jaxl2.describe(PARAMS, mask=mask),
+    "add_l2_grad": lambda: jaxl2.add_l2_grad(0.1, 10, mask=mask).init(PARAMS),
+  }[api]
+  with pytest.raises(ValueError, match=re.escape(named) + r".* matches no leaf") as info:
+    run()
+  assert "strict=False" in str(info.value)
+  if near is not None:
+    assert f"Near misses: {near}" in str(info.value)
+
+
+def test_pattern_covered_by_an_earlier_pattern_is_not_an_error():
+  mask = jaxl2.by_regex({r"dense/.*": 1.0, r"dense/kernel": 0.5})
+  assert jaxl2.describe(PARAMS, mask=mask).n_selected == 2
 
 
 def test_default_mask_selecting_nothing_is_an_error():
@@ -119,7 +146,7 @@ def test_invalid_regex_names_the_pattern():
 @pytest.mark.parametrize(
   ("mask", "where"),
   [
-    ({"dense": {"kernel": -0.5, "bias": 0.0}}, "a mask pytree leaf"),
+    ({"dense": {"kernel": -0.5, "bias": 0.0}}, "'dense/kernel'"),
     (lambda path, leaf: -2, "'dense/bias'"),
   ],
 )

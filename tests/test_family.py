@@ -450,8 +450,8 @@ def test_result_dtype_is_float32_whatever_lam_m_and_rho(lam, m, rho):
 def test_low_precision_million_elements_within_1e_5(dtype):
   params = helpers.low_precision_tree(dtype)
   anchor = helpers.low_precision_tree(dtype, seed=1)
-  kernels = [(params["a"], 1.0), (params["b"], 1.0)]
-  triples = [(params[k], anchor[k], 1.0) for k in ("a", "b")]
+  kernels = [(params["w_a"], 1.0), (params["w_b"], 1.0)]
+  triples = [(params[k], anchor[k], 1.0) for k in ("w_a", "w_b")]
   cases = [
     (jaxl2.l1_penalty(params, LAM, M), helpers.ref_l1(kernels, LAM, M)),
     (
@@ -558,7 +558,8 @@ def test_family_matches_float64_reference(name, data):
   params, anchor = _split(data.draw(_pair_trees))
   paths = list(helpers.leaves_by_path(params))
   if data.draw(st.booleans()):
-    mask, cs = None, [float(w.ndim >= 2) for w in helpers.leaves_by_path(params).values()]
+    mask = jaxl2.by_ndim(2)
+    cs = [float(w.ndim >= 2) for w in helpers.leaves_by_path(params).values()]
   else:
     cs = data.draw(
       st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), min_size=len(paths), max_size=len(paths))
@@ -629,9 +630,14 @@ def _all_six(params=PARAMS, anchor=PARAMS, lam=0.1, m=10, rho=0.5, mask=None):
     ({"m": 0}, ValueError, "`m` (the number of training inputs) must be a finite number > 0"),
     ({"m": "100"}, TypeError, "`m` must be a real number; got '100' (str)"),
     (
-      {"mask": jaxl2.by_name("weight")},
+      {"mask": jaxl2.by_name("weight", strict=False)},
       ValueError,
       "`mask` selected no parameters out of 2 leaves",
+    ),
+    (
+      {"mask": jaxl2.by_name("weight")},
+      ValueError,
+      "`by_name` 'weight' matches no leaf of these params",
     ),
   ],
 )

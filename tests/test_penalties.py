@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.test_util import check_grads
@@ -68,7 +71,7 @@ def test_nnx_module_and_state(form):
   assert selected == {"dense1/kernel", "dense2/kernel"}
 
 
-def test_nnx_non_param_variable_with_ndim2_is_not_selected_by_default():
+def test_nnx_non_param_variable_is_never_selected():
   class Cached(nnx.Module):
     def __init__(self):
       self.w = nnx.Param(jnp.ones((2, 2)))
@@ -76,10 +79,9 @@ def test_nnx_non_param_variable_with_ndim2_is_not_selected_by_default():
 
   model = Cached()
   np.testing.assert_allclose(float(jaxl2.l2_penalty(model, 1.0, 1.0)), 2.0, rtol=1e-7)
-  # An explicit mask selects what it says.
-  np.testing.assert_allclose(
-    float(jaxl2.l2_penalty(model, 1.0, 1.0, mask=jaxl2.all_floating)), 2.0 + 8e4, rtol=1e-7
-  )
+  # Whatever the mask, only nnx.Param can be penalized on a module.
+  for mask in (jaxl2.all_floating, jaxl2.by_ndim(1), jaxl2.by_regex(".*")):
+    np.testing.assert_allclose(float(jaxl2.l2_penalty(model, 1.0, 1.0, mask=mask)), 2.0, rtol=1e-7)
 
 
 def test_grad_through_nnx_module_matches_analytic():
@@ -205,7 +207,7 @@ def test_float64_leaf_accumulates_in_float64():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_million_elements_within_1e_5(dtype):
   params = helpers.low_precision_tree(dtype)
-  expected = helpers.ref_l2([(params["a"], 1.0), (params["b"], 1.0)], LAM, M)
+  expected = helpers.ref_l2([(params["w_a"], 1.0), (params["w_b"], 1.0)], LAM, M)
   got = jaxl2.l2_penalty(params, LAM, M)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(float(got), expected, rtol=1e-5)
@@ -290,3 +292,92 @@ def test_regularized_has_aux_passes_aux_through():
   np.testing.assert_allclose(float(value), 3.0 + 1.0, rtol=0)
   np.testing.assert_array_equal(np.asarray(aux["note"]), 2.0)
   np.testing.assert_allclose(np.asarray(grads["w"]), 0.5, rtol=0)
+
+
+# ---- m of any size and integer type ----------------------------------------------
+
+BIG_M = 2_000_000_000_000  # a token count: overflows int32, wraps in a cast to int32
+
+
+@pytest.mark.parametrize(
+  "m", [BIG_M, np.int64(BIG_M), np.uint64(BIG_M), float(BIG_M), np.float32(BIG_M)]
+)
+def test_huge_m_of_any_integer_or_float_type_is_exact(m):
+  params = helpers.randomize(helpers.linen_mlp_params(0), seed=3)
+  kernels = _kernels_only(params)
+  lam = 0.1
+  m_exact = float(m)  # np.float32(2e12) is not exactly 2e12: compare with what was passed
+  reference = helpers.ref_l2(kernels, lam, m_exact)
+  # float32 result: one rounding of λ/2m and a float32 sum of < 500 squares.
+  np.testing.assert_allclose(float(jaxl2.l2_penalty(params, lam, m)), reference, rtol=1e-6)
+  np.testing.assert_allclose(jaxl2.describe(params, lam=lam, m=m).penalty, reference, rtol=1e-12)
+  grads = helpers.leaves_by_path(jaxl2.l2_penalty_grad(params, lam, m))
+  for path, w in helpers.leaves_by_path(params).items():
+    expected = lam / m_exact * helpers.as_f64(w) if path.endswith("kernel") else 0.0
+    np.testing.assert_allclose(helpers.as_f64(grads[path]), expected, rtol=1e-6)
+  wrapped = jaxl2.regularized(lambda p: 0.0, lam, m)
+  np.testing.assert_allclose(float(wrapped(params)), reference, rtol=1e-6)
+
+
+def test_huge_m_traced_as_a_float():
+  params = helpers.randomize(helpers.linen_mlp_params(0), seed=3)
+  reference = helpers.ref_l2(_kernels_only(params), 0.1, float(np.float32(BIG_M)))
+  traced = jax.jit(lambda p, m: jaxl2.l2_penalty(p, 0.1, m))(params, np.float32(BIG_M))
+  np.testing.assert_allclose(float(traced), reference, rtol=1e-6)
+
+
+def test_numpy_float64_leaves_without_x64_do_not_warn():
+  params = {"w": np.random.default_rng(0).normal(size=(4, 3))}  # NumPy float64
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    value = jaxl2.l2_penalty(params, 0.5, 10)
+    jaxl2.l2_penalty_grad(params, 0.5, 10)
+  assert value.dtype == jnp.float32
+  np.testing.assert_allclose(float(value), helpers.ref_l2([(params["w"], 1.0)], 0.5, 10), rtol=1e-6)
+
+
+# ---- Flax NNX: tied weights are one parameter --------------------------------------
+
+
+class _Tied(nnx.Module):
+  """Input and output projections sharing one kernel (flax's model-surgery pattern)."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.encoder = nnx.Linear(4, 4, rngs=rngs)
+    self.bn = nnx.BatchNorm(4, rngs=rngs)
+    self.decoder = nnx.Linear(4, 4, rngs=rngs)
+    self.decoder.kernel = self.encoder.kernel
+
+  def __call__(self, x):
+    return self.decoder(self.bn(self.encoder(x), use_running_average=True))
+
+
+def test_tied_nnx_weight_counts_once_in_penalty_and_gradient():
+  model = _Tied(nnx.Rngs(0))
+  kernel = model.encoder.kernel[...]
+  reference = helpers.ref_l2([(kernel, 1.0)], LAM, M)  # once, not twice
+  np.testing.assert_allclose(float(jaxl2.l2_penalty(model, LAM, M)), reference, rtol=1e-6)
+  state = nnx.state(model, nnx.Param)
+  np.testing.assert_allclose(float(jaxl2.l2_penalty(state, LAM, M)), reference, rtol=1e-6)
+  grads = helpers.leaves_by_path(nnx.grad(lambda mdl: jaxl2.l2_penalty(mdl, LAM, M))(model))
+  # NNX reports a shared Variable once, at its first path in graph order.
+  kernels = [p for p in grads if p.endswith("kernel")]
+  assert kernels == ["decoder/kernel"]
+  expected = LAM / M * helpers.as_f64(kernel)
+  np.testing.assert_allclose(helpers.as_f64(grads["decoder/kernel"]), expected, rtol=1e-6)
+  # The analytic gradient has the module's structure: (λ/m)·W at that first
+  # path, 0 at the second reference (summed, the two give the same total).
+  analytic = jaxl2.l2_penalty_grad(model, LAM, M)
+  np.testing.assert_allclose(helpers.as_f64(analytic.decoder.kernel[...]), expected, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(analytic.encoder.kernel[...]), 0.0)
+
+
+def test_tied_nnx_weight_is_decayed_once_per_step_by_nnx_optimizer():
+  model = _Tied(nnx.Rngs(0))
+  before = np.asarray(model.encoder.kernel[...], np.float64)
+  optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.Param)
+  grads = nnx.grad(lambda mdl: jaxl2.l2_penalty(mdl, LAM, M))(model)
+  optimizer.update(model, grads)
+  # One SGD step on the penalty alone: W ← W − lr·(λ/m)·W, once.
+  np.testing.assert_allclose(model.encoder.kernel[...], (1 - LAM / M) * before, rtol=1e-6)
+  assert model.decoder.kernel is model.encoder.kernel

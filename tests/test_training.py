@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import re
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -112,7 +114,12 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match=r"`m` .* must be a finite number > 0"):
     jaxl2.make_train_step(lambda p, x: x, lambda o, y: 0.0, optax.sgd(0.1), lam=0.1, m=0)
   train = jaxl2.make_train_step(
-    lambda p, x: x, lambda o, y: 0.0, optax.sgd(0.1), lam=0.1, m=1, mask=jaxl2.by_name("nope")
+    lambda p, x: x,
+    lambda o, y: 0.0,
+    optax.sgd(0.1),
+    lam=0.1,
+    m=1,
+    mask=jaxl2.by_name("nope", strict=False),
   )
   with pytest.raises(ValueError, match="selected no parameters"):
     train.init({"w": jnp.ones((2, 2))})
@@ -210,3 +217,45 @@ def test_l2_on_digits_shrinks_weights_and_narrows_the_generalization_gap():
   # "Useful": validation accuracy no worse than without regularization.
   useful = max(lam for lam in results if lam > 0 and results[lam][2] >= results[0.0][2])
   assert gap[useful] < gap[0.0], results
+
+
+@pytest.mark.parametrize(
+  ("targets", "expected"),
+  [
+    (np.array([[0], [1], [2]]), 1.0),  # integer labels of shape (N, 1)
+    (np.array([0, 1, 2]), 1.0),  # integer labels of shape (N,)
+    (np.eye(3, dtype=np.float32), 1.0),  # one-hot, same shape as the logits
+    (np.array([[0], [2], [2]]), 2 / 3),
+  ],
+)
+def test_accuracy_reads_labels_by_shape(targets, expected):
+  logits = jnp.array([[3.0, 0.0, 1.0], [0.0, 2.0, 1.0], [0.0, 1.0, 5.0]])
+  np.testing.assert_allclose(float(jaxl2.accuracy(logits, jnp.asarray(targets))), expected)
+
+
+def test_huge_integer_m_trains():
+  params, batch, apply_fn, mse, _ = helpers.mlp_problem()
+  m = 2_000_000_000_000
+  train = jaxl2.make_train_step(apply_fn, mse, optax.sgd(0.0), lam=0.5, m=m)
+  _, metrics = train(train.init(params), batch)
+  kernels = [w for p, w in helpers.leaves_by_path(params).items() if p.endswith("kernel")]
+  reference = helpers.ref_l2([(w, 1.0) for w in kernels], 0.5, float(m))
+  np.testing.assert_allclose(float(metrics["penalty"]), reference, rtol=1e-6)
+
+
+def test_lam_keeps_float64_in_a_float64_run():
+  script = """
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp, optax, jaxl2
+params = {"w": jnp.ones((2, 2), jnp.float64)}
+train = jaxl2.make_train_step(lambda p, x: x @ p["w"], lambda o, y: jnp.mean((o - y) ** 2),
+                              optax.sgd(0.1), lam=0.1, m=3)
+state = train.init(params)
+tiny = train.set_lam(state, 1e-300).lam
+print(state.lam.dtype, tiny.dtype, float(tiny))
+"""
+  out = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, check=True
+  ).stdout.split()
+  assert out == ["float64", "float64", "1e-300"]  # 1e-300 underflows to 0 in float32

@@ -202,4 +202,28 @@ def test_update_without_params_is_an_error():
 
 def test_bad_mask_fails_at_init():
   with pytest.raises(ValueError, match="selected no parameters"):
+    jaxl2.add_l2_grad(0.1, 10, mask=jaxl2.by_name("weight", strict=False)).init(
+      {"w": jnp.ones((2, 2))}
+    )
+  with pytest.raises(ValueError, match="`by_name` 'weight' matches no leaf"):
     jaxl2.add_l2_grad(0.1, 10, mask=jaxl2.by_name("weight")).init({"w": jnp.ones((2, 2))})
+
+
+def test_complex_weights_decay_toward_zero_like_add_decayed_weights():
+  params = {"w": jnp.full((2, 2), 1j, jnp.complex64)}
+  zero = {"w": jnp.zeros((2, 2), jnp.complex64)}
+  ours = optax.chain(jaxl2.add_l2_grad(LAM, M), optax.sgd(1.0))
+  theirs = optax.chain(optax.add_decayed_weights(jaxl2.to_weight_decay(LAM, M)), optax.sgd(1.0))
+  for tx in (ours, theirs):
+    updates, _ = tx.update(zero, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    # W = i shrinks to (1 − λ/m)·i: the imaginary part falls, never grows.
+    np.testing.assert_allclose(np.asarray(new["w"]), (1 - LAM / M) * 1j, rtol=1e-6)
+
+
+@pytest.mark.parametrize("m", [2_000_000_000_000, np.int64(2_000_000_000_000)])
+def test_huge_integer_m_in_add_l2_grad(m):
+  params = {"w": jnp.full((2, 2), 3.0)}
+  tx = jaxl2.add_l2_grad(0.5, m)
+  updates, _ = tx.update({"w": jnp.zeros((2, 2))}, tx.init(params), params)
+  np.testing.assert_allclose(np.asarray(updates["w"]), 0.5 / 2e12 * 3.0, rtol=1e-7)

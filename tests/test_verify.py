@@ -109,7 +109,9 @@ def test_nnx_module_is_ok():
 
   report = jaxl2.verify_penalty(loss, model, LAM, M)
   assert report.ok, str(report)
-  assert {"dense1/kernel", "dense2/kernel", "bn/mean"} <= set(_statuses(report))
+  assert {"dense1/kernel", "dense2/kernel", "bn/scale"} <= set(_statuses(report))
+  # Checked on the module's nnx.Param state: running statistics are state, not parameters.
+  assert "bn/mean" not in _statuses(report)
   assert not any("count" in path or "key" in path for path in _statuses(report))  # not floats
 
 
@@ -175,8 +177,9 @@ def test_user_mask_that_matches_nothing():
 
 def test_intended_mask_that_matches_nothing_raises():
   params, data_loss = _mlp()
+  nothing = jaxl2.by_name("weight", strict=False)
   with pytest.raises(ValueError, match="selected no parameters"):
-    jaxl2.verify_penalty(lambda p, lam: data_loss(p), params, LAM, M, mask=jaxl2.by_name("weight"))
+    jaxl2.verify_penalty(lambda p, lam: data_loss(p), params, LAM, M, mask=nothing)
 
 
 def test_factor_two_is_named():
@@ -470,3 +473,33 @@ def _ok_loss(p, lam):
 def test_bad_inputs(call, error, message):
   with pytest.raises(error, match=re.escape(message)):
     call()
+
+
+def test_tied_nnx_weights_verified_once():
+  from flax import nnx
+
+  class Tied(nnx.Module):
+    def __init__(self, rngs):
+      self.encoder = nnx.Linear(4, 4, rngs=rngs)
+      self.decoder = nnx.Linear(4, 4, rngs=rngs)
+      self.decoder.kernel = self.encoder.kernel
+
+    def __call__(self, x):
+      return self.decoder(nnx.relu(self.encoder(x)))
+
+  model = Tied(nnx.Rngs(0))
+  x = jnp.ones((3, 4))
+
+  def right(mdl, lam):
+    return jnp.mean(mdl(x) ** 2) + jaxl2.l2_penalty(mdl, lam, M)
+
+  def twice(mdl, lam):  # a hand-written sum over both attributes counts the tie twice
+    sq = jnp.sum(mdl.encoder.kernel[...] ** 2) + jnp.sum(mdl.decoder.kernel[...] ** 2)
+    return jnp.mean(mdl(x) ** 2) + lam / (2 * M) * sq
+
+  ok = jaxl2.verify_penalty(right, model, LAM, M)
+  assert ok.ok, str(ok)
+  assert [r.path for r in ok.rows if r.path.endswith("kernel")] == ["decoder/kernel"]
+  bad = jaxl2.verify_penalty(twice, model, LAM, M)
+  row = next(r for r in bad.rows if r.path == "decoder/kernel")
+  assert row.status == "scaled" and abs(row.found - 2.0) < 1e-3
