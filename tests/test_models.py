@@ -212,3 +212,28 @@ def test_plain_containers_still_reject_non_array_leaves_with_the_path():
     jaxl2.l2_penalty({"layers": [jnp.ones((2, 2)), activation]}, LAM, M)
   with pytest.raises(TypeError, match=r"leaf at 'name' is a str"):
     jaxl2.l2_penalty({"w": jnp.ones((2, 2)), "name": "dense"}, LAM, M)
+
+
+def test_add_l2_grad_in_the_equinox_optax_loop_equals_the_penalty():
+  import optax
+
+  model = _model("equinox_mlp").params
+  x, y = jnp.ones((5, 4)), jnp.zeros((5, 3))
+
+  def data_loss(mdl):
+    return jnp.mean((jax.vmap(mdl)(x) - y) ** 2)
+
+  def step(tx, loss):
+    params = eqx.filter(model, eqx.is_array)  # Equinox's own pattern for optax
+    grads = eqx.filter_grad(loss)(model)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return eqx.apply_updates(model, updates)
+
+  coupled = step(optax.chain(jaxl2.add_l2_grad(LAM, 10.0), optax.sgd(0.1)), data_loss)
+  penalized = step(optax.sgd(0.1), lambda mdl: data_loss(mdl) + jaxl2.l2_penalty(mdl, LAM, 10.0))
+  for a, b in zip(
+    jax.tree_util.tree_leaves(eqx.filter(coupled, eqx.is_array)),
+    jax.tree_util.tree_leaves(eqx.filter(penalized, eqx.is_array)),
+    strict=True,
+  ):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
