@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import html
 import math
 from typing import Any
 
@@ -13,6 +12,7 @@ import numpy as np
 
 from jaxl2._checks import check_lam, check_m
 from jaxl2._masks import MaskSpec, resolve
+from jaxl2._table import html_table, text_table
 
 __all__ = ["Description", "LeafRow", "describe"]
 
@@ -119,28 +119,12 @@ class Description:
 
   def __str__(self) -> str:
     header, body = self._cells()
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    right = {3, 5, 6}
-
-    def line(cells: tuple[str, ...]) -> str:
-      padded = [
-        cell.rjust(width) if i in right else cell.ljust(width)
-        for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
-      ]
-      return "  ".join(padded).rstrip()
-
-    rule = "-" * len(line(header))
-    return "\n".join([line(header), rule, *map(line, body), rule, *self._totals()])
+    return text_table(header, body, right={3, 5, 6}, footer=self._totals())
 
   def _repr_html_(self) -> str:
     """The table as HTML, for Jupyter and Colab."""
     header, body = self._cells()
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    rows = "".join(
-      "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in body
-    )
-    totals = "<br>".join(html.escape(t) for t in self._totals())
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table><p>{totals}</p>"
+    return html_table(header, body, footer=self._totals())
 
 
 def _sq_norm(value: Any) -> float | None:

@@ -47,10 +47,13 @@ from jaxl2._checks import check_lam, check_m
 from jaxl2._masks import MaskSpec, Selection, all_floating, is_inexact, resolve
 from jaxl2._paths import flatten
 from jaxl2._penalties import l2_penalty_grad
+from jaxl2._table import html_table, text_table
 
 __all__ = ["VerifyReport", "VerifyRow", "verify_penalty", "verify_update"]
 
-Status = Literal["ok", "missing", "unexpected", "scaled", "differs"]
+Status = Literal[
+  "ok", "missing", "unexpected", "scaled", "differs", "unverified", "frozen-decayed", "rounds-away"
+]
 
 _BIAS_NAMES = frozenset({"bias", "b", "beta"})
 _SCALE_NAMES = frozenset({"scale", "gamma"})
@@ -72,8 +75,13 @@ class VerifyRow:
     shape: the leaf's shape.
     status: ``"ok"``; ``"missing"`` (intended but not penalized);
       ``"unexpected"`` (penalized but not intended); ``"scaled"`` (penalized
-      with the wrong strength, see ``factor``); ``"differs"`` (not
-      proportional to the intended term at all).
+      with the wrong strength, see ``factor``; also a penalty of the wrong
+      form in λ, such as λ²); ``"differs"`` (not proportional to the
+      intended term at all); ``"unverified"`` (the decay cannot be observed
+      through ``base_tx``, e.g. a sign-based optimizer); ``"frozen-decayed"``
+      (``base_tx`` leaves the leaf frozen, a zero update, but ``tx`` decays
+      it); ``"rounds-away"`` (the decay per step is below half an ulp of the
+      leaf's bf16/fp16 weights, so applying the update loses it).
     intended: the multiplier c_j that the intended ``mask`` gives the leaf.
     found: the multiplier measured in the user's code: the least-squares
       fit of the measured term onto the term of multiplier 1 ((λ/m)·W for a
@@ -108,6 +116,7 @@ class VerifyReport:
     lam, m: as given.
     rtol: the relative tolerance the rows were judged with.
     batch_size: as given, or ``None``.
+    unverified: why nothing could be verified (λ = 0), or "".
   """
 
   check: str
@@ -116,11 +125,12 @@ class VerifyReport:
   m: float
   rtol: float
   batch_size: int | None = None
+  unverified: str = ""
 
   @property
   def ok(self) -> bool:
-    """True when every leaf gets exactly what the intended mask says."""
-    return all(row.status == "ok" for row in self.rows)
+    """True when the check could run and every leaf gets exactly what the intended mask says."""
+    return not self.unverified and all(row.status == "ok" for row in self.rows)
 
   @property
   def failures(self) -> tuple[VerifyRow, ...]:
@@ -132,13 +142,18 @@ class VerifyReport:
     """One line: OK, or what is wrong."""
     penalty = self.check == "verify_penalty"
     intended = [row for row in self.rows if row.intended > 0]
+    if self.unverified:
+      return f"UNVERIFIED: {self.unverified}"
     if self.ok:
       what = "penalized with (λ/m)·c·W" if penalty else "decayed as coupled L2 through `base_tx`"
-      untestable = sum(row.note == _UNTESTABLE for row in self.rows)
-      caveat = f" ({untestable} of them untestable, see the notes)" if untestable else ""
       return (
-        f"OK: {len(intended)} of {len(self.rows)} leaves {what}, as intended{caveat}; "
+        f"OK: {len(intended)} of {len(self.rows)} leaves {what}, as intended; "
         "the others are left alone."
+      )
+    if all(row.status == "unverified" for row in self.failures):
+      return (
+        f"UNVERIFIED: {len(self.failures)} of {len(self.rows)} leaves: {_UNTESTABLE}; "
+        "nothing wrong was found, but nothing was verified there either."
       )
     failures = self.failures
     if (
@@ -159,12 +174,13 @@ class VerifyReport:
     """Raises ValueError with the table unless `ok`.
 
     Raises:
-      ValueError: some leaf is not penalized as intended; the message is ``str(self)``.
+      ValueError: some leaf is not penalized as intended, or nothing could be
+        verified (λ = 0); the message is ``str(self)``, ending with the verdict.
     """
     if not self.ok:
       raise ValueError(str(self))
 
-  def __str__(self) -> str:
+  def _cells(self) -> tuple[str, tuple[str, ...], list[tuple[str, ...]]]:
     what = (
       "the penalty gradient in `loss_fn` vs (λ/m)·c·W"
       if self.check == "verify_penalty"
@@ -183,17 +199,16 @@ class VerifyReport:
       )
       for row in self.rows
     ]
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    return title, header, body
 
-    def line(cells: tuple[str, ...]) -> str:
-      padded = [
-        cell.rjust(width) if i in (2, 3) else cell.ljust(width)
-        for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
-      ]
-      return "  ".join(padded).rstrip()
+  def __str__(self) -> str:
+    title, header, body = self._cells()
+    return text_table(header, body, right={2, 3}, title=[title], footer=[self.verdict])
 
-    rule = "-" * max(len(line(r)) for r in [header, *body])
-    return "\n".join([title, line(header), rule, *map(line, body), rule, self.verdict])
+  def _repr_html_(self) -> str:
+    """The report as an HTML table, for Jupyter and Colab."""
+    title, header, body = self._cells()
+    return html_table(header, body, title=[title], footer=[self.verdict])
 
 
 # ---- probing --------------------------------------------------------------------
@@ -374,10 +389,12 @@ def _judge(
   present = st.measured > threshold
   wanted = multiplier > 0 and st.intended > threshold
   if not present and not wanted:
-    untestable = multiplier > 0 and update
-    return row("ok", 0.0, 0.0, 0.0, _UNTESTABLE if untestable else "")
+    if multiplier > 0 and update:
+      return row("unverified", 0.0, 0.0, 0.0, _UNTESTABLE)
+    return row("ok", 0.0, 0.0, 0.0)
   if not present:
-    return row("missing", 0.0, 0.0, 0.0, f"not {units.verb}; `mask` selects it")
+    why = "" if update else " (no gradient term depends on λ: λ ignored, a constant baked in?)"
+    return row("missing", 0.0, 0.0, 0.0, f"not {units.verb}{why}; `mask` selects it")
   if not wanted:
     misfit = st.residual_unit / st.measured
     note = f"{_leaf_kind(path)} is {units.verb}; `mask` excludes it"
@@ -395,6 +412,65 @@ def _judge(
 
 
 _UNTESTABLE = "untestable: `base_tx` does not respond to this change of the gradient"
+
+
+def _lam_form(row: VerifyRow, rate: _Stats, lam: float, units: _Units) -> VerifyRow:
+  """Flags a penalty whose gradient at λ and whose rate of change in λ disagree.
+
+  For a penalty f(λ)·Σ‖W‖²/2m the row's factor is f(λ)/λ and the rate's is
+  f'(λ); both are 1 only for f(λ) = λ. For f = λᵖ their ratio is p.
+  """
+  if row.status not in ("ok", "scaled") or row.intended == 0 or not rate.finite:
+    return row
+  k_rate, k_value = rate.k_intended, row.factor
+  if _near(k_rate, k_value, units.rtol) or k_value == 0:
+    return row
+  power = k_rate / k_value
+  form = {2.0: "λ²", 3.0: "λ³", 0.5: "√λ"}.get(round(power * 4) / 4, f"λ^{power:.3g}")
+  note = (
+    f"penalty gradient is {k_value:.4g}× (λ/m)·W at λ = {lam:g}, but changes with λ at "
+    f"{k_rate:.4g}×: λ enters as {form}?"
+  )
+  status: Status = "differs" if _near(k_value, 1.0, units.rtol) else "scaled"
+  return dataclasses.replace(row, status=status, note=note)
+
+
+def _frozen_or_rounding(row: VerifyRow, frozen: bool, measured: float, rounding: str) -> VerifyRow:
+  """A frozen leaf (zero update from ``base_tx``) must get no decay; a decay must not round away."""
+  if frozen:
+    if measured > 0:
+      return dataclasses.replace(
+        row,
+        status="frozen-decayed",
+        note="frozen by `base_tx` (zero update), but `tx` still decays it",
+      )
+    return dataclasses.replace(row, status="ok", note="frozen by `base_tx`: not decayed")
+  if rounding and row.status in ("ok", "scaled") and row.found > 0:
+    return dataclasses.replace(row, status="rounds-away", note=rounding)
+  return row
+
+
+def _rounding_note(leaf: Any, effect: np.ndarray, w: np.ndarray) -> str:
+  """Why the decay of a bf16/fp16 leaf is lost when the update is applied, or ""."""
+  dtype = jnp.dtype(getattr(leaf, "dtype", np.float32))
+  if dtype not in _HALF_PRECISION:
+    return ""
+  w = np.abs(np.asarray(w, np.float64).ravel())
+  effect = np.abs(np.asarray(effect, np.float64).ravel())
+  nonzero = w > 0
+  if not np.any(nonzero):
+    return ""
+  w, effect = w[nonzero], effect[nonzero]
+  # ulp of a normal number: 2^(exponent − mantissa bits) in the leaf's own dtype.
+  half_ulp = 0.5 * np.exp2(np.floor(np.log2(w)) - jnp.finfo(dtype).nmant)
+  lost = float(np.mean(effect < half_ulp))
+  if lost <= 0.5:
+    return ""
+  return (
+    f"rounds away: the decay per step is {float(np.median(effect / w)):.2g}·|w| (lr·λ/m under "
+    f"SGD), below half an ulp of w in {dtype.name} ({float(np.median(half_ulp / w)):.2g}·|w|) "
+    f"for {lost:.0%} of the entries; keep float32 master weights or a larger lr·λ/m"
+  )
 
 
 def _shape_note(st: _Stats, misfit: float, units: _Units, update: bool) -> str:
@@ -428,31 +504,45 @@ def _penalty_stats(
   multipliers: list[float],
   lam: Any,
   m: float,
-) -> list[_Stats]:
-  """Measures ∂/∂λ ∇_W loss_fn(W, λ), the penalty's gradient per unit λ, against c·W/m."""
+) -> tuple[list[_Stats], list[_Stats]]:
+  """The penalty gradient at λ (per unit λ) and its rate of change in λ, against c·W/m.
+
+  Both come from λ-derivatives of ∇_W loss_fn(W, λ), which have no data term
+  (it drops out as a symbolic zero): the rate g'(λ) and the curvature g''(λ)
+  (forward mode twice over `jax.grad`). The penalty gradient at λ per unit λ
+  is [g(λ) − g(0)]/λ = g'(λ) − (λ/2)·g''(λ), exact for a penalty up to
+  quadratic in λ (λ² included) and free of the cancellation of that subtraction.
+  """
   wide = any(jnp.finfo(x.dtype).bits == 64 for x in probe)
   lam = jnp.asarray(lam, jnp.float64 if wide else jnp.float32)
 
   @jax.jit
-  def run(probe: list[jax.Array], lam: jax.Array) -> list[jax.Array]:
+  def run(probe: list[jax.Array], lam: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
     def grad_at(lam_: jax.Array) -> list[jax.Array]:
       return jax.grad(lambda w: loss_fn(tree.rebuild(w), lam_))(probe)
 
-    return jax.jvp(grad_at, (lam,), (jnp.ones_like(lam),))[1]
+    def slope_at(t: jax.Array) -> list[jax.Array]:
+      return jax.jvp(grad_at, (t,), (jnp.ones_like(t),))[1]
+
+    # The rate f'(λ) and the curvature f''(λ) in one forward-over-forward pass.
+    rate, curvature = jax.jvp(slope_at, (lam,), (jnp.ones_like(lam),))
+    return rate, [r - 0.5 * lam * c for r, c in zip(rate, curvature, strict=True)]
 
   try:
-    slope = jax.device_get(run(probe, lam))
+    rate, value = jax.device_get(run(probe, lam))
   except jax.errors.ConcretizationTypeError as err:
     raise TypeError(
       "`loss_fn(params, lam)` must be differentiable in `lam`: `verify_penalty` takes "
       "∂/∂λ of its gradient, so `lam` must enter as a number in arithmetic (no "
       "`if lam > 0`, `float(lam)` or `lam.item()` inside)."
     ) from err
-  stats = []
-  for s, w, c in zip(slope, jax.device_get(probe), multipliers, strict=True):
+  value_stats, rate_stats = [], []
+  for s, v, w, c in zip(rate, value, jax.device_get(probe), multipliers, strict=True):
     unit = np.conj(w) / np.asarray(m, w.real.dtype)  # JAX's gradient convention for complex
-    stats.append(_leaf_stats(s, np.asarray(c, unit.real.dtype) * unit, unit, w))
-  return stats
+    intended = np.asarray(c, unit.real.dtype) * unit
+    value_stats.append(_leaf_stats(v, intended, unit, w))
+    rate_stats.append(_leaf_stats(s, intended, unit, w))
+  return value_stats, rate_stats
 
 
 def _second_update_slope(
@@ -461,8 +551,8 @@ def _second_update_slope(
   probe: list[jax.Array],
   grads: tuple[list[jax.Array], list[jax.Array]],
   decay: Callable[[Any], list[Any]] | None,
-) -> list[jax.Array]:
-  """∂/∂ε of the second update from a fresh state at params (1 + ε)·W, at ε = 0.
+) -> tuple[list[jax.Array], list[jax.Array]]:
+  """The second update from a fresh state, and its ∂/∂ε at params (1 + ε)·W, at ε = 0.
 
   The two steps take the gradients ``grads`` (warm-up, compared), each with
   the floating leaves ``decay(params)`` added first when given (coupled L2
@@ -480,7 +570,7 @@ def _second_update_slope(
     updates, _ = transform.update(g1, state, params)
     return tree.pick(updates)
 
-  return jax.jvp(second_update, (probe,), (probe,))[1]
+  return jax.jvp(second_update, (probe,), (probe,))
 
 
 def _draw_grads(
@@ -520,12 +610,14 @@ def _update_stats(
   multipliers: list[float],
   lam: float,
   m: float,
-) -> list[_Stats]:
+) -> list[tuple[_Stats, bool, str]]:
   """Measures the decay's effect in ``tx`` against coupled L2 through ``base_tx``.
 
   ``base_tx`` runs once, vmapped over three per-leaf multipliers on the
   coupled term (λ/m)·W: 0 (its own dependence on the params), the intended
-  ``multipliers``, and 1 (the scale of a decay on every leaf).
+  ``multipliers``, and 1 (the scale of a decay on every leaf). Per leaf:
+  the stats, whether ``base_tx`` freezes it (an all-zero update for a
+  non-zero gradient), and why its decay rounds away in bf16/fp16 ("" if not).
   """
 
   @jax.jit
@@ -542,19 +634,28 @@ def _update_stats(
       return decay
 
     coefs = jnp.asarray([[0.0] * len(probe), multipliers, [1.0] * len(probe)])
-    through_base = jax.vmap(lambda c: _second_update_slope(base_tx, tree, probe, both, coupled(c)))(
-      coefs
-    )
-    user = _second_update_slope(tx, tree, probe, both, None)
-    return user, through_base
+    base_updates, through_base = jax.vmap(
+      lambda c: _second_update_slope(base_tx, tree, probe, both, coupled(c))
+    )(coefs)
+    user = _second_update_slope(tx, tree, probe, both, None)[1]
+    # Frozen: `base_tx` gives an all-zero update to a non-zero gradient (flags only, no copies).
+    frozen = [
+      ~jnp.any(u[0] != 0) & jnp.any(g != 0) for u, g in zip(base_updates, both[1], strict=True)
+    ]
+    return user, through_base, frozen
 
   draws = [_standard_normal((1, k), w) for k, w in enumerate(probe)]
   noise = (draws, [np.roll(n, 1) for n in draws])  # shifted: independent element by element
-  user, through_base = jax.device_get(run(probe, grads, noise))
-  return [
-    _leaf_stats(u - b[0], b[1] - b[0], b[2] - b[0], w)
-    for u, b, w in zip(user, through_base, jax.device_get(probe), strict=True)
-  ]
+  user, through_base, frozen_flags = jax.device_get(run(probe, grads, noise))
+  out = []
+  for i, (u, b, w) in enumerate(zip(user, through_base, jax.device_get(probe), strict=True)):
+    frozen = bool(frozen_flags[i])
+    effect = u - b[0]
+    leaf = tree.leaves[tree.index[i]]
+    out.append(
+      (_leaf_stats(effect, b[1] - b[0], b[2] - b[0], w), frozen, _rounding_note(leaf, effect, w))
+    )
+  return out
 
 
 # ---- validation -----------------------------------------------------------------
@@ -594,14 +695,26 @@ def _report(
   stats: list[_Stats],
   units: _Units,
   lam: Any,
+  adjust: Callable[[int, VerifyRow], VerifyRow],
 ) -> VerifyReport:
-  """One row per floating leaf, judged from its stats."""
+  """One row per floating leaf, judged from its stats, then ``adjust``-ed (k-th such leaf)."""
   rows = []
-  for i, st in zip(tree.index, stats, strict=True):
+  for k, (i, st) in enumerate(zip(tree.index, stats, strict=True)):
     leaf, multiplier = selection.leaves[i], selection.multipliers[i]
     shape = tuple(np.shape(leaf.value))
-    rows.append(_judge(leaf.path, shape, multiplier, st, units, check == "verify_update"))
-  return VerifyReport(check, tuple(rows), float(lam), units.m, units.rtol, units.batch_size)
+    row = _judge(leaf.path, shape, multiplier, st, units, check == "verify_update")
+    rows.append(adjust(k, row))
+  unverified = ""
+  if float(lam) == 0.0:
+    unverified = (
+      "λ = 0: the penalty and its gradient vanish, so their strength cannot be checked; "
+      "run the check at the λ you train with (> 0)"
+      if check == "verify_penalty"
+      else "λ = 0: there is no decay to observe; run the check at the λ you train with (> 0)"
+    )
+  return VerifyReport(
+    check, tuple(rows), float(lam), units.m, units.rtol, units.batch_size, unverified
+  )
 
 
 # ---- public API -------------------------------------------------------------------
@@ -692,9 +805,17 @@ def verify_penalty(
   params, selection, loss_fn = _nnx_params(params, selection, loss_fn)
   tree, probe = _probe(params)
   multipliers = [selection.multipliers[i] for i in tree.index]
-  stats = _penalty_stats(loss_fn, tree, probe, multipliers, lam, float(m))
+  stats, rates = _penalty_stats(loss_fn, tree, probe, multipliers, lam, float(m))
   units = _Units(0.5, float(m), batch_size, float(rtol), "penalized")
-  return _report("verify_penalty", selection, tree, stats, units, lam)
+  return _report(
+    "verify_penalty",
+    selection,
+    tree,
+    stats,
+    units,
+    lam,
+    lambda k, row: _lam_form(row, rates[k], float(lam), units),
+  )
 
 
 def verify_update(
@@ -783,9 +904,19 @@ def verify_update(
   if grads is not None:
     grads = _pick_grads(tree, grads, probe)
   multipliers = [selection.multipliers[i] for i in tree.index]
-  stats = _update_stats(tx, base_tx, tree, probe, grads, multipliers, float(lam), float(m))
+  measured = _update_stats(tx, base_tx, tree, probe, grads, multipliers, float(lam), float(m))
   units = _Units(1.0, float(m), batch_size, float(rtol), "decayed")
-  return _report("verify_update", selection, tree, stats, units, lam)
+  return _report(
+    "verify_update",
+    selection,
+    tree,
+    [st for st, _, _ in measured],
+    units,
+    lam,
+    lambda k, row: _frozen_or_rounding(
+      row, measured[k][1], measured[k][0].measured, measured[k][2]
+    ),
+  )
 
 
 def _nnx_params(

@@ -41,3 +41,16 @@ def test_runs_top_to_bottom(path, monkeypatch, tmp_path):
     nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
   ).execute()
   assert any(cell.get("outputs") for cell in nb.cells if cell.cell_type == "code")
+  # `describe` and the verify reports display as HTML tables, not dataclass dumps.
+  html = [
+    out["data"]["text/html"]
+    for cell in nb.cells
+    if cell.cell_type == "code"
+    for out in cell.get("outputs", [])
+    if "text/html" in out.get("data", {})
+  ]
+  expected = {"01_l2_regularization": "<th>why</th>", "03_l2_vs_weight_decay": "<th>status</th>"}
+  if path.stem in expected:
+    assert any(
+      page.startswith(("<table>", "<p><b>")) and expected[path.stem] in page for page in html
+    )

@@ -8,6 +8,7 @@ Adam (a small-perturbation response).
 
 from __future__ import annotations
 
+import html
 import re
 
 import jax
@@ -17,7 +18,7 @@ import optax
 import pytest
 
 import jaxl2
-from tests import helpers
+from tests import helpers, real_models
 
 LAM, M, BATCH, LR = 0.5, 1000.0, 32, 0.05
 
@@ -378,9 +379,13 @@ def test_user_grads_and_sign_based_optimizers():
   # Lion uses only the sign of the gradient: a small decay changes nothing to compare.
   lion = optax.chain(jaxl2.add_l2_grad(LAM, M), optax.lion(LR))
   report = jaxl2.verify_update(lion, optax.lion(LR), params, LAM, M)
-  assert report.ok
+  # Nothing wrong was seen, and nothing was verified: not ok.
+  assert not report.ok
+  assert {row.status for row in _kernels(report)} == {"unverified"}
   assert all(row.note.startswith("untestable") for row in _kernels(report))
-  assert "untestable" in report.verdict
+  assert report.verdict.startswith("UNVERIFIED:") and "untestable" in report.verdict
+  with pytest.raises(ValueError, match="UNVERIFIED"):
+    report.raise_if_failed()
 
 
 # ---- the report ------------------------------------------------------------------------
@@ -503,3 +508,114 @@ def test_tied_nnx_weights_verified_once():
   bad = jaxl2.verify_penalty(twice, model, LAM, M)
   row = next(r for r in bad.rows if r.path == "decoder/kernel")
   assert row.status == "scaled" and abs(row.found - 2.0) < 1e-3
+
+
+# ---- the form of λ, and λ = 0 ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("lam", "power"), [(0.5, 2), (2.0, 2)])
+def test_penalty_with_lam_to_a_power_is_caught_at_the_lam_given(lam, power):
+  params, data_loss = _mlp()
+
+  def loss(p, lam_):  # λ^p/(2m)·Σ‖W‖²: at λ = 0.5, p = 2, its rate in λ looks right
+    return data_loss(p) + lam_**power / (2 * M) * _sum_sq(p, lambda path: "kernel" in path)
+
+  report = jaxl2.verify_penalty(loss, params, lam, M)
+  assert not report.ok
+  form = {2: "λ²"}[power]
+  for row in _kernels(report):
+    # The gradient at λ is λ^(p−1)·(λ/m)·W: a factor λ^(p−1), exact for quadratics.
+    np.testing.assert_allclose(row.found, lam ** (power - 1), rtol=1e-4)
+    assert row.status in ("scaled", "differs") and f"λ enters as {form}?" in row.note
+
+
+def test_penalty_that_ignores_the_lam_passed_is_caught():
+  params, data_loss = _mlp()
+
+  def loss(p, lam_):  # a λ baked in at another value; the argument is ignored
+    del lam_
+    return data_loss(p) + jaxl2.l2_penalty(p, 0.1, M)
+
+  report = jaxl2.verify_penalty(loss, params, LAM, M)
+  assert {row.status for row in _kernels(report)} == {"missing"}
+  assert all("λ ignored, a constant baked in?" in row.note for row in _kernels(report))
+  assert "ignores its `lam`" in report.verdict
+
+
+@pytest.mark.parametrize("check", ["penalty", "update"])
+def test_lam_zero_is_unverified_not_ok(check):
+  params, data_loss = _mlp()
+  if check == "penalty":
+    report = jaxl2.verify_penalty(
+      jaxl2.regularized(lambda p, lam: data_loss(p), 0.0, M), params, 0.0, M
+    )
+  else:
+    tx = optax.chain(jaxl2.add_l2_grad(0.0, M), optax.sgd(LR))
+    report = jaxl2.verify_update(tx, optax.sgd(LR), params, 0.0, M)
+  assert not report.ok
+  assert report.verdict.startswith("UNVERIFIED: λ = 0")
+  with pytest.raises(ValueError, match="UNVERIFIED: λ = 0"):
+    report.raise_if_failed()
+
+
+# ---- frozen leaves and decay that rounds away -----------------------------------------
+
+
+def _frozen_embedding_setup():
+  """lm1b-style linen params whose token embedding is frozen by `multi_transform`."""
+  params = helpers.randomize(real_models.linen_lm1b().params, seed=4, scale=0.1)
+  labels = jax.tree_util.tree_map_with_path(
+    lambda kp, _: "frozen" if "Embed_0" in jax.tree_util.keystr(kp) else "train", params
+  )
+  freeze = optax.multi_transform({"train": optax.identity(), "frozen": optax.set_to_zero()}, labels)
+  return params, freeze, optax.chain(freeze, optax.scale(-LR))
+
+
+def test_decay_on_a_frozen_embedding_is_flagged():
+  params, freeze, base = _frozen_embedding_setup()
+  wd = jaxl2.to_weight_decay(LAM, M)
+  # The decay added after the freezing transform reaches the frozen table too.
+  decay = optax.add_decayed_weights(wd, mask=_kernel_and_embedding_mask(params))
+  after = optax.chain(freeze, decay, optax.scale(-LR))
+  report = jaxl2.verify_update(after, base, params, LAM, M)
+  statuses = _statuses(report)
+  assert statuses["decoder/Embed_0/embedding"] == "frozen-decayed"
+  assert not report.ok and "frozen-decayed" in report.verdict
+  assert {s for p, s in statuses.items() if "Embed_0" not in p} == {"ok"}
+  # Decay placed before the freezing transform: the frozen table is left alone.
+  before = optax.chain(jaxl2.add_l2_grad(LAM, M), freeze, optax.scale(-LR))
+  report = jaxl2.verify_update(before, base, params, LAM, M)
+  assert report.ok, str(report)
+  assert _row(report, "decoder/Embed_0/embedding").note == "frozen by `base_tx`: not decayed"
+
+
+def _kernel_and_embedding_mask(params):
+  selected = {r.path for r in jaxl2.describe(params).rows if r.selected}
+  return jax.tree_util.tree_map_with_path(
+    lambda kp, _: "/".join(str(getattr(k, "key", k)) for k in kp) in selected, params
+  )
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_decay_below_half_an_ulp_of_low_precision_weights_rounds_away(dtype):
+  params = jax.tree_util.tree_map(lambda w: w.astype(dtype), _mlp()[0])
+  lr = 1e-3
+  tiny = optax.chain(jaxl2.add_l2_grad(LAM, M), optax.sgd(lr))  # lr·λ/m = 5e-7 ≪ 2^-9
+  report = jaxl2.verify_update(tiny, optax.sgd(lr), params, LAM, M)
+  assert {row.status for row in _kernels(report)} == {"rounds-away"}
+  note = _kernels(report)[0].note
+  assert note.startswith("rounds away: the decay per step is 5e-07·|w|") and dtype.__name__ in note
+  assert not report.ok
+  # lr·λ/m = 0.05: well above half an ulp, nothing is lost.
+  big = optax.chain(jaxl2.add_l2_grad(100.0, M), optax.sgd(0.5))
+  assert jaxl2.verify_update(big, optax.sgd(0.5), params, 100.0, M).ok
+
+
+def test_report_renders_as_an_html_table():
+  params, data_loss = _mlp()
+  report = jaxl2.verify_penalty(
+    jaxl2.regularized(lambda p, lam: data_loss(p), LAM, M), params, LAM, M
+  )
+  page = report._repr_html_()
+  assert "<th>status</th>" in page and page.count("<tr>") == 1 + len(report.rows)
+  assert "verify_penalty:" in page and html.escape(report.verdict) in page
