@@ -16,22 +16,59 @@ tried, and the figures: ``bench/NOTES.md``):
 Each kernel is a jitted `jax.custom_jvp` function, so identical kernels are
 traced, linearized and transposed once, and the backward pass of L2 is
 ``2·c_j·ct·W_j``: one multiply per element, which XLA fuses into the update.
-With several devices, leaves may be sharded differently and a sum across
-leaves could move weights between devices: every leaf is then reduced on its
-own (a local reduction, then an all-reduce of a scalar).
+
+Several devices. A kernel that sums or concatenates leaves laid out differently
+would move weights between devices; the penalty must reduce each shard where it
+lives and all-reduce scalars only. So each leaf first gets a *layout*, and the
+plan above is made for each layout on its own: leaves of one layout are grouped
+and pooled exactly as on one device, leaves of different layouts never share a
+kernel. The layout is what is known of the leaf's sharding:
+
+* A concrete array: its ``sharding``. Replicated (every device holds all of it,
+  one device included): the same layout as every replicated leaf on the same
+  mesh (or device set). Otherwise: its mesh and `PartitionSpec` (mesh axes of
+  size 1 dropped, dimensions padded), so equal specs on one mesh are one layout.
+* A traced leaf (under `jax.jit`, `jax.vmap`, ...): ``jax.typeof(x).sharding``.
+  No mesh, or a mesh of one device: one device's program, one layout (the
+  one-device plan). A mesh whose axes are all Explicit (or Manual, inside
+  `jax.shard_map`): the spec is the layout, exactly as for concrete arrays.
+  A mesh with Auto axes (the default of `jax.make_mesh`): JAX does not put an
+  argument's sharding into its type, so the spec (``P(None, ...)``) says nothing;
+  these leaves are one layout per mesh and spec, and *unknown*.
+* Groups (elementwise sums of leaves of one shape, then one reduction) are
+  made within a layout. Pools (concatenations) only of leaves known to be
+  replicated or on one device: flattening and concatenating sharded leaves
+  gathers them, even when they share a spec. The other small leaves of a
+  layout are reduced one by one (a local reduction, then a scalar all-reduce).
+
+What that guarantees, checked in the optimized HLO by
+``tests/sharded_checks.py``. Known layouts: every kernel reads leaves of one
+layout, so it is elementwise on each shard, then reduced locally; the only
+collective is an all-reduce of its scalar. Unknown layouts (Auto axes):
+concatenation never happens, and a group of same-shape leaves stays local when
+its leaves share one sharding, or when each is either replicated or in one
+common sharding (XLA slices the replicated ones where they are). That covers
+replicated (data-parallel) params, one `NamedSharding` for the whole tree, and
+rules that shard by shape or role (FSDP, tensor-parallel kernels and
+replicated biases). It does not cover 64 or more leaves of one small shape
+(< 2**14 elements) split between two or more *different* non-replicated specs
+under Auto axes: XLA would then reshard some of them. Explicit axes make every
+layout known, and then the guarantee holds without that condition.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 __all__ = ["abs_values", "squares", "weighted_sum"]
 
@@ -85,35 +122,35 @@ def _chunks(indices: list[int], limit: int) -> list[tuple[int, ...]]:
   return [tuple(indices[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
-@functools.lru_cache(maxsize=128)
-def _plan(
+def _plan_layout(
+  indices: list[int],
   shapes: tuple[tuple[int, ...], ...],
   dtypes: tuple[Any, ...],
   multipliers: tuple[float, ...],
-  across_leaves: bool,
-) -> _Plan:
-  """Which leaves each kernel reduces; ``across_leaves=False``: each leaf alone."""
-  if not across_leaves:
-    return _Plan(tuple((i,) for i in range(len(shapes))), ())
+  poolable: bool,
+) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+  """Groups and pools of the leaves ``indices`` (one layout); unpoolable rare leaves alone."""
   groups: list[tuple[int, ...]] = []
   by_shape: dict[tuple[int, ...], list[int]] = {}
-  for i, shape in enumerate(shapes):
-    if np.prod(shape, dtype=np.int64) >= _LARGE:
+  for i in indices:
+    if np.prod(shapes[i], dtype=np.int64) >= _LARGE:
       groups.append((i,))
     else:
-      by_shape.setdefault(shape, []).append(i)
+      by_shape.setdefault(shapes[i], []).append(i)
   rare: dict[tuple[Any, float], list[int]] = {}
-  for indices in by_shape.values():
-    if len(indices) >= _MIN_GROUP:
-      groups.extend(_chunks(indices, _GROUP))
-    else:
-      for i in indices:
+  for same in by_shape.values():
+    if len(same) >= _MIN_GROUP:
+      groups.extend(_chunks(same, _GROUP))
+    elif poolable:
+      for i in same:
         rare.setdefault((dtypes[i], multipliers[i]), []).append(i)
+    else:
+      groups.extend((i,) for i in same)
   pools: list[tuple[int, ...]] = []
-  for indices in rare.values():
+  for same in rare.values():
     chunk: list[int] = []
     elements = 0
-    for i in sorted(indices):
+    for i in sorted(same):
       size = int(np.prod(shapes[i], dtype=np.int64))
       if chunk and (len(chunk) == _POOL_LEAVES or elements + size > _POOL_ELEMENTS):
         pools.append(tuple(chunk))
@@ -122,7 +159,90 @@ def _plan(
       elements += size
     if chunk:
       pools.append(tuple(chunk))
+  return groups, pools
+
+
+@functools.lru_cache(maxsize=128)
+def _plan(
+  shapes: tuple[tuple[int, ...], ...],
+  dtypes: tuple[Any, ...],
+  multipliers: tuple[float, ...],
+  layouts: tuple[int, ...],
+  poolable: tuple[bool, ...],
+) -> _Plan:
+  """Which leaves each kernel reduces: the one-device plan, made per layout.
+
+  ``layouts[i]`` numbers leaf i's layout (0, 1, ... in order of appearance);
+  ``poolable[k]`` says whether layout k may be concatenated (replicated or on one
+  device). One layout, poolable: exactly the plan of one device.
+  """
+  groups: list[tuple[int, ...]] = []
+  pools: list[tuple[int, ...]] = []
+  for layout, can_pool in enumerate(poolable):
+    indices = [i for i, k in enumerate(layouts) if k == layout]
+    more_groups, more_pools = _plan_layout(indices, shapes, dtypes, multipliers, can_pool)
+    groups += more_groups
+    pools += more_pools
   return _Plan(tuple(groups), tuple(pools))
+
+
+_ONE_DEVICE = ("one device",)
+
+
+def _spec_key(spec: P, ndim: int, mesh: Any) -> tuple[Any, ...] | None:
+  """The spec as one tuple of axis names per dimension (size-1 axes dropped); None if unknown."""
+  entries = tuple(spec) + (None,) * (ndim - len(spec))
+  key = []
+  for entry in entries:
+    if entry is P.UNCONSTRAINED:
+      return None
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    key.append(tuple(n for n in names if mesh.shape[n] > 1))
+  return tuple(key)
+
+
+def _layout(x: jax.Array) -> tuple[Hashable, bool]:
+  """(layout key, whether leaves of that layout may be concatenated); see the module doc."""
+  sharding = None if isinstance(x, jax.core.Tracer) else getattr(x, "sharding", None)
+  if sharding is not None:  # a concrete array: its layout is known
+    if isinstance(sharding, NamedSharding):
+      spec = _spec_key(sharding.spec, x.ndim, sharding.mesh)
+      if spec is not None and not any(spec):
+        return ("replicated", sharding.mesh), True
+      return ("sharded", sharding.mesh, spec if spec is not None else sharding), False
+    if sharding.is_fully_replicated:
+      return ("replicated", frozenset(sharding.device_set)), True
+    return ("sharded", sharding), False
+  sharding = jax.typeof(x).sharding
+  mesh = sharding.mesh
+  if mesh.empty or mesh.size == 1:
+    return _ONE_DEVICE, True
+  spec = _spec_key(sharding.spec, x.ndim, mesh)
+  unknown = spec is None or any(
+    t == AxisType.Auto and mesh.shape[n] > 1
+    for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+  )
+  if unknown:
+    return ("unknown", mesh, spec), False
+  if not any(spec):
+    return ("replicated", mesh), True
+  return ("sharded", mesh, spec), False
+
+
+def _layouts(xs: Sequence[jax.Array]) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+  """Each leaf's layout numbered in order of appearance, and each layout's poolability."""
+  if jax.device_count() == 1:  # one device: nothing can move; the one-device plan
+    return (0,) * len(xs), (True,)
+  numbers: dict[Hashable, int] = {}
+  poolable: list[bool] = []
+  layouts = []
+  for x in xs:
+    key, can_pool = _layout(x)
+    if key not in numbers:
+      numbers[key] = len(poolable)
+      poolable.append(can_pool)
+    layouts.append(numbers[key])
+  return tuple(layouts), tuple(poolable)
 
 
 def _tree_add(terms: Sequence[jax.Array]) -> jax.Array:
@@ -235,7 +355,7 @@ def weighted_sum(
   if not xs:
     return jnp.zeros((), acc)
   shapes = tuple(tuple(x.shape) for x in xs)
-  plan = _plan(shapes, tuple(x.dtype for x in xs), cs, jax.device_count() == 1)
+  plan = _plan(shapes, tuple(x.dtype for x in xs), cs, *_layouts(xs))
   parts = [
     _part_jit(pooled, elementwise, acc, tuple(cs[i] for i in kernel), tuple(xs[i] for i in kernel))
     for pooled, kernels in ((False, plan.groups), (True, plan.pools))

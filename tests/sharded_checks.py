@@ -249,6 +249,124 @@ def test_many_small_leaves_are_not_gathered_either(mode):
   np.testing.assert_allclose(float(value), expected, rtol=1e-5)  # float32 sums: as above
 
 
+# ---- many leaves: the one-device plan, made per layout -------------------------------
+
+_REDUCE = re.compile(r"(?<![\w-])reduce\(")  # reduce ops; not reduce-window, not all-reduce
+GROUP = 32  # small leaves of one shape per group reduction (jaxl2/_reduce.py, bench/NOTES.md)
+N_MANY, N_RARE = 1000, 40
+
+
+def _reductions(fn, *args) -> int:
+  """Reduce ops in the optimized HLO of ``jax.jit(fn)(*args)``: one per kernel jaxl2 makes."""
+  return len(_REDUCE.findall(jax.jit(fn).lower(*args).compile().as_text()))
+
+
+def many_leaves_tree(n: int = N_MANY, rare: int = N_RARE, seed: int = 0) -> dict:
+  """``n`` kernels of (16, 10) (groups of 32) and ``rare`` of distinct shapes (8, k) (a pool).
+
+  Every first dimension is a multiple of 8, so the tree can also be split over 8 devices.
+  """
+  rng = np.random.default_rng(seed)
+  tree = {f"layer{i:04d}": rng.normal(size=(16, 10)).astype(np.float32) for i in range(n)}
+  tree.update(
+    {f"odd{k:02d}": rng.normal(size=(8, k)).astype(np.float32) for k in range(1, rare + 1)}
+  )
+  return tree
+
+
+def _l2(p):
+  return jaxl2.l2_penalty(p, LAM, M)
+
+
+def _ref_l2(tree: dict) -> float:
+  return LAM / (2 * M) * sum(helpers.ref_sq_norm(w) for w in tree.values())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_replicated_many_leaves_are_reduced_as_on_one_device(mode):
+  # The data-parallel default: every leaf on every device. Reducing each leaf alone (the
+  # old multi-device path) makes 1,040 reductions and compiles 10x slower; one device's plan
+  # makes ceil(1000 / 32) = 32 group reductions, plus the 40 rare leaves: one pooled
+  # reduction when the layout is known (Explicit axes); one each under Auto axes, where a
+  # traced leaf's type does not say it is replicated (and concatenating sharded leaves
+  # would gather them).
+  mesh = jax.make_mesh((N_DEVICES,), ("data",), axis_types=(AxisType[mode],))
+  tree = many_leaves_tree()
+  params = jax.device_put(tree, NamedSharding(mesh, P()))
+  with jax.set_mesh(mesh):
+    count = _reductions(_l2, params)
+    collectives = _collectives(_l2, params)
+    value = jax.jit(_l2)(params)
+  pools = 1 if mode == "Explicit" else N_RARE
+  assert 0 < count <= -(-N_MANY // GROUP) + pools, count
+  assert collectives == []  # replicated: each device sums all of it; nothing moves
+  # One device's plan over float32: pairwise sums of ~2*10^5 squares; 1e-6 relative.
+  np.testing.assert_allclose(float(value), _ref_l2(tree), rtol=1e-6)
+
+
+# name -> specs of: 140 kernels (16, 8), alternating between the two given; 140 vectors (8,);
+# 6 kernels of distinct shapes (8, 4k). Mesh (4, 2) of ("data", "model").
+MANY_LAYOUTS = {
+  "replicated": ((P(), P()), P(), P()),
+  "fsdp": ((P("data", None), P("data", None)), P(), P("data", None)),
+  "tp": ((P(None, "model"), P(None, "model")), P("model"), P(None, "model")),
+  # Sharded two ways and replicated kernels of one shape, side by side.
+  "fsdp_tp": ((P("data", "model"), P()), P("model"), P("model", None)),
+}
+
+
+@pytest.mark.parametrize(
+  ("layout", "mode"), [(lay, mode) for lay in MANY_LAYOUTS for mode in MODES]
+)
+def test_many_leaves_reduce_per_layout_and_all_reduce_scalars(layout, mode):
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType[mode],) * 2)
+  (even, odd), vector, rare = MANY_LAYOUTS[layout]
+  rng = np.random.default_rng(5)
+  tree, specs = {}, {}
+  for i in range(140):
+    tree[f"kernel{i:03d}"], specs[f"kernel{i:03d}"] = rng.normal(size=(16, 8)), (even, odd)[i % 2]
+    tree[f"vector{i:03d}"], specs[f"vector{i:03d}"] = rng.normal(size=(8,)), vector
+  for k in range(1, 7):
+    tree[f"rare{k}"], specs[f"rare{k}"] = rng.normal(size=(8, 4 * k)), rare
+  tree = {key: w.astype(np.float32) for key, w in tree.items()}
+  params = jax.device_put(tree, {key: NamedSharding(mesh, s) for key, s in specs.items()})
+  fn = lambda p: jaxl2.l2_penalty(p, LAM, M, mask=jaxl2.all_floating)  # noqa: E731
+  with jax.set_mesh(mesh):
+    collectives = _collectives(fn, params)
+    count = _reductions(fn, params)
+    value = jax.jit(fn)(params)
+  if layout == "replicated":
+    assert collectives == []
+  else:
+    _assert_scalar_all_reduces_only(collectives)
+  # Per layout, 140 leaves of one shape make ceil(140 / 32) = 5 groups (two layouts of
+  # 70 leaves: 3 each); the 6 rare kernels at most one reduction each. Per leaf: 286.
+  assert 0 < count <= 5 + 5 + 1 + 6, count
+  # float32 partial sums per shard, combined in another order: 1e-5 relative (as above).
+  np.testing.assert_allclose(float(value), _ref_l2(tree), rtol=1e-5)
+
+
+def device_comparison_values() -> dict[str, float]:
+  """``jit(l2_penalty)`` of `many_leaves_tree`, replicated and fully sharded (rows over all
+  devices) on meshes of Auto and Explicit axes, and eagerly on replicated arrays; with one
+  device, the same calls on the unplaced tree. `tests/test_sharding.py` compares 8 with 1."""
+  tree = many_leaves_tree()
+  if jax.device_count() == 1:
+    jitted, eager = float(jax.jit(_l2)(tree)), float(_l2(tree))
+    values = {f"{layout} {mode}": jitted for layout in ("replicated", "fsdp") for mode in MODES}
+    return values | {"replicated eager": eager}
+  values = {}
+  for mode in MODES:
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType[mode],))
+    for layout, spec in (("replicated", P()), ("fsdp", P("data", None))):
+      params = jax.device_put(tree, NamedSharding(mesh, spec))
+      with jax.set_mesh(mesh):
+        values[f"{layout} {mode}"] = float(jax.jit(_l2)(params))
+      if (layout, mode) == ("replicated", "Auto"):
+        values["replicated eager"] = float(_l2(params))
+  return values
+
+
 # ---- gradients --------------------------------------------------------------------
 
 GRADIENTS = {

@@ -20,10 +20,21 @@ def test_every_suite_runs_quick(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   (result,) = tmp_path.glob("*.json")
   report = json.loads(result.read_text())
-  assert set(report["results"]) == {"penalty", "train", "peer", "sweep", "precision"}
+  assert set(report["results"]) == {
+    "penalty", "train", "peer", "sweep", "precision", "multidevice", "verify",
+  }  # fmt: skip
+  for row in report["results"]["verify"]:
+    assert row["median_s"] > 0 and row["x_jit_grad"] > 0
   assert report["machine"]["versions"]["jax"]
   for row in report["results"]["penalty"]:
     assert row["jaxl2_ms"] > 0 and row["limit_ms"] > 0
+  for row in report["results"]["multidevice"]:
+    # 8 replicated devices take one device's plan: the same reductions, the same sum.
+    if "eight_vs_one" in row:
+      assert row["eight_devices_reductions"] == row["one_device_reductions"] > 0
+      assert row["value_rel_diff"] <= 1e-6
+    else:
+      assert 0 < row["jaxl2_reductions"] < row["naive_reductions"]
   for row in report["results"]["precision"]:
     # Accuracy is not timing: the float32 accumulation must hold at any size.
     assert row["jaxl2_rel_error"] < 1e-6
