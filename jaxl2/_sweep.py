@@ -45,8 +45,12 @@ class SweepResult:
     train_accuracy, val_accuracy: classification accuracy (`jaxl2.accuracy`).
     weight_sq_norm: Σ c·‖W‖² of the final weights.
     penalty: (λ/2m) · weight_sq_norm.
-    best_lam: the λ with the lowest validation loss, averaged over seeds.
+    best_lam: the λ with the lowest validation loss, averaged over seeds,
+      among the λ none of whose runs diverged (``nan`` if all diverged).
     params: the final parameters, each leaf stacked as (len(lams), n_seeds, ...).
+    diverged: True where a run ended with a non-finite loss or weights.
+    classification: whether the accuracies apply (integer class labels);
+      for other targets (regression) they are NaN and left out of `to_dict`.
   """
 
   lams: np.ndarray
@@ -60,11 +64,19 @@ class SweepResult:
   penalty: np.ndarray
   best_lam: float
   params: Any = dataclasses.field(repr=False)
+  diverged: np.ndarray | None = None
+  classification: bool = True
 
   def to_dict(self) -> dict[str, Any]:
-    """JSON-ready: per-λ rows with metrics averaged over seeds, and ``best_lam``."""
+    """JSON-ready: per-λ rows with metrics averaged over seeds, ``diverged``, ``best_lam``."""
+    keys = [k for k in _METRICS if self.classification or "accuracy" not in k]
+    diverged = np.zeros(self.val_loss.shape, bool) if self.diverged is None else self.diverged
     rows = [
-      {"lam": float(lam), **{k: float(np.mean(getattr(self, k)[i])) for k in _METRICS}}
+      {
+        "lam": float(lam),
+        **{k: float(np.mean(getattr(self, k)[i])) for k in keys},
+        "diverged": bool(diverged[i].any()),
+      }
       for i, lam in enumerate(self.lams)
     ]
     return {
@@ -120,7 +132,11 @@ def sweep(
       reported more than once (once per device).
 
   Returns:
-    A `SweepResult`; ``best_lam`` is chosen by the lowest mean validation loss.
+    A `SweepResult`; ``best_lam`` is chosen by the lowest mean validation
+    loss among the λ whose runs all stayed finite (a diverged λ is marked in
+    ``diverged`` and never chosen). Accuracies are reported for integer class
+    labels only. A second call with the same functions, optimizer, mask, m,
+    step count and shapes reuses the compiled program.
 
   Raises:
     ValueError: an empty or invalid λ grid, ``steps`` < 1, ``m`` ≤ 0.
@@ -150,7 +166,7 @@ def sweep(
   m = float(len(train_data[1]) if m is None else m)
   check_m(m)
 
-  train = make_train_step(apply_fn, loss_fn, optimizer, lam=0.0, m=m, mask=mask)
+  make_train_step(apply_fn, loss_fn, optimizer, lam=0.0, m=m, mask=mask)  # checks them now
   n_lams, n_seeds = len(lam_list), len(seed_list)
   n_models = n_lams * n_seeds
   mesh = _model_mesh()
@@ -169,6 +185,76 @@ def sweep(
   )
   params0 = jax.tree_util.tree_map(lambda *xs: np.stack(xs)[rows], *jax.device_get(per_seed))
 
+  compiled = _program(apply_fn, loss_fn, optimizer, mask, m, steps, progress, mesh)
+  params, metrics = jax.device_get(compiled(params0, jnp.asarray(lam_grid), train_data, val_data))
+
+  def grid(values: Any) -> np.ndarray:
+    return np.asarray(values)[:n_models].reshape(n_lams, n_seeds, *np.shape(values)[1:])
+
+  fields = {k: grid(metrics[k]) for k in _METRICS}
+  classification = _is_classification(train_data[1])
+  if not classification:
+    for k in ("train_accuracy", "val_accuracy"):
+      fields[k] = np.full_like(fields[k], np.nan)
+  finite_params = grid(metrics["finite_params"])
+  diverged = ~(np.isfinite(fields["train_loss"]) & np.isfinite(fields["val_loss"]) & finite_params)
+  return SweepResult(
+    lams=np.asarray(lam_list),
+    seeds=seed_list,
+    m=m,
+    best_lam=_best(lam_list, fields["val_loss"], diverged),
+    params=jax.tree_util.tree_map(grid, params),
+    diverged=diverged,
+    classification=classification,
+    **fields,
+  )
+
+
+def _is_classification(targets: Any) -> bool:
+  """Integer (or bool) targets are class labels; floating targets are regression."""
+  dtype = getattr(targets, "dtype", None)
+  return dtype is not None and not jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _best(lams: list[float], val_loss: np.ndarray, diverged: np.ndarray) -> float:
+  """The λ with the lowest mean validation loss among λ with no diverged run; nan if none.
+
+  A diverged run's loss is NaN or inf, and `np.argmin` would return a NaN
+  as the minimum: such λ are removed before the comparison, never after.
+  """
+  usable = ~diverged.any(axis=1)
+  if not usable.any():
+    return math.nan
+  scores = np.where(usable, val_loss.mean(axis=1), np.inf)
+  return lams[int(np.argmin(scores))]
+
+
+# Compiled sweeps, reused by later calls with the same functions and settings
+# (jit's own cache keys on the function object, which is rebuilt on each call).
+_PROGRAMS: dict[Any, Callable[..., Any]] = {}
+_MAX_PROGRAMS = 16
+
+
+def _program(
+  apply_fn: ApplyFn,
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  mask: MaskSpec,
+  m: float,
+  steps: int,
+  progress: Callable[[int, int], None] | None,
+  mesh: Mesh | None,
+) -> Callable[..., Any]:
+  """The jitted init-train-evaluate program; cached when every setting is hashable."""
+  key = (apply_fn, loss_fn, optimizer, mask, m, steps, progress, mesh)
+  try:
+    cached = _PROGRAMS.get(key)
+  except TypeError:  # an unhashable mask (a pytree of bools): build it anew
+    key, cached = None, None
+  if cached is not None:
+    return cached
+  train = make_train_step(apply_fn, loss_fn, optimizer, lam=0.0, m=m, mask=mask)
+
   def init_one(params: Any, lam: jax.Array) -> TrainState:
     return TrainState(params, optimizer.init(params), jnp.zeros([], jnp.int32), lam)
 
@@ -181,6 +267,8 @@ def sweep(
     sq_norm = weight_sq_norm(state.params, mask=mask)
     out["weight_sq_norm"] = sq_norm
     out["penalty"] = l2_from_sq_norm(sq_norm, state.lam, m)
+    finite = [jnp.all(jnp.isfinite(w)) for w in jax.tree_util.tree_leaves(state.params)]
+    out["finite_params"] = jnp.all(jnp.stack(finite)) if finite else jnp.bool_(True)
     return out
 
   every = max(1, steps // 20)
@@ -218,18 +306,8 @@ def sweep(
       in_shardings=(models, models, replicated, replicated),
       out_shardings=(models, models),
     )
-  params, metrics = jax.device_get(compiled(params0, jnp.asarray(lam_grid), train_data, val_data))
-
-  def grid(values: Any) -> np.ndarray:
-    return np.asarray(values)[:n_models].reshape(n_lams, n_seeds, *np.shape(values)[1:])
-
-  fields = {k: grid(metrics[k]) for k in _METRICS}
-  best = int(np.argmin(fields["val_loss"].mean(axis=1)))
-  return SweepResult(
-    lams=np.asarray(lam_list),
-    seeds=seed_list,
-    m=m,
-    best_lam=lam_list[best],
-    params=jax.tree_util.tree_map(grid, params),
-    **fields,
-  )
+  if key is not None:
+    if len(_PROGRAMS) >= _MAX_PROGRAMS:
+      _PROGRAMS.pop(next(iter(_PROGRAMS)))  # the oldest
+    _PROGRAMS[key] = compiled
+  return compiled

@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxl2._checks import check_lam, check_m
 from jaxl2._masks import MaskSpec, resolve
+from jaxl2._models import split_model
 from jaxl2._paths import path_str
 from jaxl2._penalties import accumulation_dtype, l2_from_sq_norm, weight_sq_norm
 
@@ -41,18 +42,26 @@ class TrainState(NamedTuple):
   """Everything a training step carries; a pytree, so it checkpoints as is.
 
   Attributes:
-    params: the model parameters.
+    params: the model parameters (for an NNX module, its ``nnx.Param`` state;
+      for an Equinox module, its floating arrays).
     opt_state: the optax optimizer state.
     step: number of steps taken (int32).
     lam: λ, a 0-d array in the penalty's accumulation dtype (float32, or
       float64 for float64 params with 64-bit enabled). Change it with
       `TrainStep.set_lam`.
+    model_state: what the model carries and updates besides its params
+      (linen ``batch_stats``, Haiku state, an NNX module's BatchStat and RNG
+      Variables, an ``eqx.nn.State``); ``None`` in the simple form.
+    key: the PRNG key the step's dropout keys derive from,
+      ``fold_in(key, step)`` (general form; ``None`` in the simple form).
   """
 
   params: Any
   opt_state: Any
   step: jax.Array
   lam: jax.Array
+  model_state: Any = None
+  key: Any = None
 
 
 def _as_lam(lam: Any, dtype: Any) -> jax.Array:
@@ -179,7 +188,7 @@ class TrainStep:
     batch_sharding: ShardingSpec = None,
   ) -> None:
     for name, fn in (("apply_fn", apply_fn), ("loss_fn", loss_fn)):
-      if not callable(fn):
+      if not callable(fn) and not (name == "apply_fn" and fn is None):
         raise TypeError(f"`{name}` must be callable; got {fn!r} ({type(fn).__name__}).")
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
       raise TypeError(
@@ -187,6 +196,9 @@ class TrainStep:
         f"{optimizer!r}. For example `optax.sgd(0.1)`."
       )
     self.apply_fn, self.loss_fn, self.optimizer = apply_fn, loss_fn, optimizer
+    # The general form's loss, set by `init` once it has seen the model (an
+    # NNX module's graph, an Equinox module's static fields).
+    self._model_loss: Any = None
     check_lam(lam)
     check_m(m)
     self.lam = float(lam)
@@ -202,7 +214,9 @@ class TrainStep:
     # and the next step would compile again and could not reuse the buffers.
     self._sharded: dict[Any, Callable[..., Any]] = {}
 
-  def init(self, params: Any, *, lam: Any = None) -> TrainState:
+  def init(
+    self, params: Any, model_state: Any = None, *, lam: Any = None, seed: int = 0
+  ) -> TrainState:
     """The initial state: ``params``, a fresh optimizer state, step 0 and λ.
 
     Args:
@@ -210,8 +224,14 @@ class TrainStep:
         bad mask fails now rather than inside the compiled step). They are
         copied: steps donate the state's buffers, never the caller's. The
         copy keeps each leaf's sharding, or takes ``param_sharding`` when
-        the step was built with one.
+        the step was built with one. General form: a Flax NNX module or an
+        Equinox module may be passed as it is.
+      model_state: general form: the model's initial mutable state (linen
+        ``variables["batch_stats"]``, Haiku state, ``eqx.nn.State``); None for
+        an NNX module, whose state is in the module.
       lam: overrides the λ given to `make_train_step`.
+      seed: general form: the seed of the state's PRNG key, from which each
+        step's dropout key is ``fold_in(key, step)``.
 
     When the params are spread over a mesh, the optimizer state follows them
     (optax builds it with ``zeros_like``) and the state's scalars (step, λ,
@@ -221,6 +241,18 @@ class TrainStep:
       ValueError: the mask selects nothing; ``param_sharding`` does not match
         the params' structure or does not divide a leaf's shape.
     """
+    key = None
+    if self.apply_fn is None:
+      split = split_model(self.loss_fn, params, model_state)
+      self._model_loss = split.loss
+      params, model_state = split.params, split.model_state
+      key = jax.random.key(seed)
+      model_state = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), model_state)
+    elif model_state is not None:
+      raise ValueError(
+        "`model_state` is for the general form (`make_train_step(None, loss_fn, ...)`); the "
+        "simple form `apply_fn(params, inputs)` has no model state."
+      )
     selection = resolve(params, self.mask)
     if self.param_sharding is not None:
       params = _place(params, self.param_sharding, "param_sharding", "params", copy=True)
@@ -232,6 +264,8 @@ class TrainStep:
       opt_state=self.optimizer.init(params),
       step=jnp.zeros([], jnp.int32),
       lam=_as_lam(self.lam if lam is None else lam, accumulation_dtype(selection)),
+      model_state=model_state,
+      key=key,
     )
     mesh = _mesh_of(params)
     return state if mesh is None else _replicate_over(state, mesh)
@@ -261,13 +295,43 @@ class TrainStep:
       "weight_sq_norm": sq_norm,
     }
 
+  def model_objective(
+    self, params: Any, lam: Any, model_state: Any, key: Any, batch: Any
+  ) -> tuple[jax.Array, tuple[dict[str, Any], Any]]:
+    """General form: data loss + (λ/2m)·Σ c·‖W‖², metrics (aux included), the new model state."""
+    if self._model_loss is None:
+      raise ValueError("call `train.init(model, ...)` before the first step: it splits the model.")
+    data_loss, (new_model_state, aux) = self._model_loss(params, model_state, batch, key)
+    sq_norm = weight_sq_norm(params, mask=self.mask)
+    penalty = l2_from_sq_norm(sq_norm, lam, self.m)
+    loss = data_loss + penalty
+    metrics = {"loss": loss, "data_loss": data_loss, "penalty": penalty, "weight_sq_norm": sq_norm}
+    return loss, ({**aux, **metrics}, new_model_state)
+
   def step_fn(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
     """One step, uncompiled. Metrics are evaluated at the incoming params."""
-    grads, metrics = jax.grad(self.objective, has_aux=True)(state.params, state.lam, batch)
+    model_state = state.model_state
+    if self.apply_fn is None:
+      key = jax.random.fold_in(state.key, state.step)
+      grads, (metrics, model_state) = jax.grad(self.model_objective, has_aux=True)(
+        state.params, state.lam, state.model_state, key, batch
+      )
+    else:
+      grads, metrics = jax.grad(self.objective, has_aux=True)(state.params, state.lam, batch)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = TrainState(params, opt_state, optax.safe_increment(state.step), state.lam)
+    new_state = TrainState(
+      params, opt_state, optax.safe_increment(state.step), state.lam, model_state, state.key
+    )
     return new_state, metrics
+
+  def eval_fn(self, state: TrainState, batch: Any) -> dict[str, jax.Array]:
+    """General form, uncompiled: the data loss and aux metrics in eval mode (key None).
+
+    The model state is used (running statistics), not updated; no penalty.
+    """
+    data_loss, (_, aux) = self._model_loss(state.params, state.model_state, batch, None)
+    return {**aux, "loss": data_loss}
 
   def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
     """One compiled step. ``state`` is donated: use the returned state afterwards.
@@ -308,11 +372,25 @@ def make_train_step(
 ) -> TrainStep:
   r"""Builds a jit-compiled step minimizing ``loss_fn(apply_fn(params, x), y) + (λ/2m)·Σ c·‖W‖²``.
 
+  Two forms. The simple one: ``apply_fn(params, inputs) -> outputs`` and
+  ``loss_fn(outputs, targets)``, batches ``(inputs, targets)``. The general
+  one, for real models, is ``apply_fn=None`` and one function
+
+      loss_fn(params, model_state, batch, key) -> (loss, (new_model_state, aux))
+
+  with ``model_state`` carried and updated in the train state (linen
+  ``batch_stats``, Haiku state, ``eqx.nn.State``), ``key`` a fresh PRNG key
+  per step, ``fold_in(key(seed), step)`` (``None`` in `make_eval_step`'s eval
+  mode), ``aux`` a dict of metrics and ``batch`` any pytree. A Flax NNX
+  module is passed to ``init`` as it is, with ``loss_fn(model, batch) ->
+  loss | (loss, aux)``; an Equinox module with the general ``loss_fn(model,
+  model_state, batch, key)``. The penalty is on the params only.
+
   Args:
     apply_fn: ``apply_fn(params, inputs) -> outputs``; for Flax linen
-      ``lambda p, x: model.apply({"params": p}, x)``, for Flax NNX
-      ``lambda p, x: nnx.merge(graphdef, p)(x)`` with ``graphdef, p = nnx.split(model)``.
-    loss_fn: ``loss_fn(outputs, targets) -> scalar``, the *mean* data loss.
+      ``lambda p, x: model.apply({"params": p}, x)``. ``None``: the general form.
+    loss_fn: ``loss_fn(outputs, targets) -> scalar``, the *mean* data loss;
+      in the general form, the model's loss as above.
     optimizer: any `optax.GradientTransformation`; it sees the gradient of the
       regularized loss (coupled L2).
     lam: the initial λ ≥ 0; lives in the state and can change between steps.
@@ -415,12 +493,18 @@ def accuracy(outputs: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def make_eval_step(
-  apply_fn: ApplyFn, loss_fn: LossFn
-) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+  apply_fn: ApplyFn | TrainStep, loss_fn: LossFn | None = None
+) -> Callable[[Any, Any], dict[str, jax.Array]]:
   """Builds a jit-compiled ``eval(params, (inputs, targets)) -> {"loss", "accuracy"}``.
 
   ``loss`` is the data loss alone (no penalty), so train and validation
   losses compare like with like; ``accuracy`` is `jaxl2.accuracy`.
+
+  General form: ``make_eval_step(train)`` with a `TrainStep` built by
+  ``make_train_step(None, loss_fn, ...)`` gives ``eval(state, batch)``, which
+  calls ``loss_fn`` in eval mode (``key=None``; an NNX module in
+  ``model.eval()``, an Equinox module in ``eqx.nn.inference_mode``) with the
+  state's running statistics, and returns ``{"loss", **aux}``.
 
   Example:
     >>> import jax.numpy as jnp, optax, jaxl2
@@ -428,6 +512,15 @@ def make_eval_step(
     >>> evaluate(jnp.eye(2), (jnp.eye(2), jnp.array([0, 1])))["accuracy"]
     Array(1., dtype=float32)
   """
+  if isinstance(apply_fn, TrainStep):
+    if apply_fn.apply_fn is not None:
+      raise ValueError(
+        "`make_eval_step(train)` is for the general form; for `make_train_step(apply_fn, "
+        "loss_fn, ...)` call `make_eval_step(apply_fn, loss_fn)`."
+      )
+    return jax.jit(apply_fn.eval_fn)
+  if loss_fn is None:
+    raise TypeError("`make_eval_step(apply_fn, loss_fn)` needs `loss_fn`.")
 
   @jax.jit
   def evaluate(params: Any, batch: Batch) -> dict[str, jax.Array]:

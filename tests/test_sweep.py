@@ -140,3 +140,66 @@ def test_sharded_over_two_cpu_devices_equals_one_device():
   # Same programs, partitioned along the model axis only: float32 noise at most.
   np.testing.assert_allclose(sharded["val_loss"], single.val_loss, rtol=1e-5)
   np.testing.assert_allclose(sharded["sq"], single.weight_sq_norm, rtol=1e-5)
+
+
+def test_a_diverged_lam_is_marked_and_never_best():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 3)), jnp.float32)
+  y = x @ jnp.ones((3, 1))
+  result = jaxl2.sweep(
+    lambda key: {"w": jax.random.normal(key, (3, 1))},
+    lambda p, x: x @ p["w"],
+    lambda out, y: jnp.mean((out - y) ** 2),
+    optax.sgd(0.5),
+    (x, y),
+    (x, y),
+    lams=[0.0, 1.0, 1000.0],  # λ/m·lr = 15.6 per step: the last run blows up
+    steps=100,
+  )
+  assert result.diverged[:, 0].tolist() == [False, False, True]
+  assert not np.isfinite(result.val_loss[2, 0])
+  assert result.best_lam == 0.0  # the lowest finite validation loss, not the NaN
+  rows = result.to_dict()["results"]
+  assert [row["diverged"] for row in rows] == [False, False, True]
+  # Regression targets: no accuracy is reported.
+  assert not result.classification and "val_accuracy" not in rows[0]
+
+
+def test_all_diverged_gives_no_best_lam():
+  x = jnp.ones((8, 2))
+  result = jaxl2.sweep(
+    lambda key: {"w": jnp.ones((2, 1))},
+    lambda p, x: x @ p["w"],
+    lambda out, y: jnp.mean((out - y) ** 2),
+    optax.sgd(10.0),
+    (x, jnp.zeros((8, 1))),
+    (x, jnp.zeros((8, 1))),
+    lams=[1e4],
+    steps=50,
+  )
+  assert result.diverged.all() and np.isnan(result.best_lam)
+
+
+def test_second_identical_call_does_not_recompile():
+  traces = []
+
+  def apply_fn(p, x):
+    traces.append(1)  # runs only while JAX traces
+    return x @ p["w"]
+
+  def loss_fn(out, y):
+    return jnp.mean((out - y) ** 2)
+
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(16, 2)), jnp.float32)
+  data = (x, x @ jnp.ones((2, 1)))
+  opt = optax.sgd(0.1)
+
+  def run(lams):
+    return jaxl2.sweep(
+      lambda key: {"w": jnp.zeros((2, 1))}, apply_fn, loss_fn, opt, data, data, lams=lams, steps=5
+    )
+
+  first = run([0.0, 1.0])
+  count = len(traces)
+  second = run([0.5, 2.0])  # new λ values, same shapes: the same program
+  assert count > 0 and len(traces) == count
+  assert not np.allclose(first.weight_sq_norm, second.weight_sq_norm)

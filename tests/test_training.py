@@ -84,7 +84,8 @@ def test_state_is_a_checkpointable_pytree_and_is_donated():
   params, batch, apply_fn, mse, _ = helpers.mlp_problem()
   train = jaxl2.make_train_step(apply_fn, mse, optax.adam(1e-3), lam=LAM, m=M)
   state = train.init(params)
-  assert set(state._fields) == {"params", "opt_state", "step", "lam"}
+  assert set(state._fields) == {"params", "opt_state", "step", "lam", "model_state", "key"}
+  assert state.model_state is None and state.key is None  # the simple form carries neither
   saved = jax.tree_util.tree_map(np.asarray, state)  # e.g. what a checkpointer writes
   restored = jax.tree_util.tree_map(jnp.asarray, saved)
   new_state, _ = train(restored, batch)
@@ -106,7 +107,7 @@ def test_mask_reaches_the_step():
 
 def test_bad_arguments():
   with pytest.raises(TypeError, match="`apply_fn` must be callable"):
-    jaxl2.make_train_step(None, lambda o, y: 0.0, optax.sgd(0.1), lam=0.1, m=1)
+    jaxl2.make_train_step("model", lambda o, y: 0.0, optax.sgd(0.1), lam=0.1, m=1)
   with pytest.raises(
     TypeError, match=re.escape("`optimizer` must be an optax.GradientTransformation")
   ):
