@@ -634,22 +634,29 @@ def _update_stats(
       return decay
 
     coefs = jnp.asarray([[0.0] * len(probe), multipliers, [1.0] * len(probe)])
-    base_updates, through_base = jax.vmap(
-      lambda c: _second_update_slope(base_tx, tree, probe, both, coupled(c))
+    through_base = jax.vmap(
+      lambda c: _second_update_slope(base_tx, tree, probe, both, coupled(c))[1]
     )(coefs)
     user = _second_update_slope(tx, tree, probe, both, None)[1]
-    # Frozen: `base_tx` gives an all-zero update to a non-zero gradient (flags only, no copies).
-    frozen = [
-      ~jnp.any(u[0] != 0) & jnp.any(g != 0) for u, g in zip(base_updates, both[1], strict=True)
-    ]
-    return user, through_base, frozen
+    return user, through_base
+
+  @jax.jit
+  def frozen_flags(probe: list[jax.Array], grads: list[jax.Array] | None, noise: Any) -> Any:
+    # Frozen: `base_tx` gives an all-zero update to a non-zero gradient.
+    both = _draw_grads(probe, grads, noise, lam / m)
+    updates = _second_update_slope(base_tx, tree, probe, both, None)[0]
+    return [~jnp.any(u != 0) & jnp.any(g != 0) for u, g in zip(updates, both[1], strict=True)]
 
   draws = [_standard_normal((1, k), w) for k, w in enumerate(probe)]
   noise = (draws, [np.roll(n, 1) for n in draws])  # shifted: independent element by element
-  user, through_base, frozen_flags = jax.device_get(run(probe, grads, noise))
+  user, through_base = jax.device_get(run(probe, grads, noise))
+  # Only a leaf on which no decay can act through `base_tx` may be frozen: the
+  # second program (the base update's value) runs only when there is one.
+  blind = [not np.any(b[2] - b[0]) for b in through_base]
+  flags = jax.device_get(frozen_flags(probe, grads, noise)) if any(blind) else blind
   out = []
   for i, (u, b, w) in enumerate(zip(user, through_base, jax.device_get(probe), strict=True)):
-    frozen = bool(frozen_flags[i])
+    frozen = bool(blind[i] and flags[i])
     effect = u - b[0]
     leaf = tree.leaves[tree.index[i]]
     out.append(
