@@ -86,3 +86,15 @@ def test_equinox_function_fields_are_rows_of_no_parameters():
   assert jaxl2.describe(mlp).params_total == sum(
     w.size for w in jax.tree_util.tree_leaves(eqx.filter(mlp, eqx.is_array))
   )
+
+
+def test_why_names_the_pattern_that_matched():
+  params = {
+    "enc": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+    "head": {"kernel": jnp.ones((2, 1))},
+  }
+  mask = jaxl2.by_regex({r"head/.*": 0.5, r".*/kernel": 1.0})
+  rows = {r.path: r for r in jaxl2.describe(params, mask=mask).rows}
+  assert rows["head/kernel"].why == "pattern 'head/.*'" and rows["head/kernel"].multiplier == 0.5
+  assert rows["enc/kernel"].why == "pattern '.*/kernel'"
+  assert rows["enc/bias"].why == "no pattern matched" and not rows["enc/bias"].selected
