@@ -111,7 +111,10 @@ def _place(tree: Any, spec: ShardingSpec, name: str, what: str, *, copy: bool) -
   out = []
   for (key_path, leaf), sharding in zip(with_path, _broadcast(spec, tree, name, what), strict=True):
     try:
-      out.append(jax.device_put(leaf, sharding, may_alias=False if copy else None))
+      # `may_alias=False` alone still let a replicated placement reuse the caller's buffer
+      # for one of its shards (seen on 8 CPU devices), and donation then deleted it.
+      source = jnp.array(leaf, copy=True) if copy and isinstance(leaf, jax.Array) else leaf
+      out.append(jax.device_put(source, sharding, may_alias=False if copy else None))
     except ValueError as err:
       raise ValueError(
         f"`{name}` does not fit the {what} leaf at '{path_str(key_path)}' of shape "
@@ -144,6 +147,9 @@ def _replicate_over(tree: Any, mesh: Mesh) -> Any:
     if isinstance(x, jax.Array) and x.sharding.device_set != devices:
       # Through the host: with several processes a global sharding is filled
       # from a NumPy value that every process holds, not from a local array.
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # a PRNG key: its raw bits
+        data = jax.device_put(np.asarray(jax.random.key_data(x)), replicated)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
       return jax.device_put(np.asarray(x), replicated)
     return x
 

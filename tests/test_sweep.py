@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,3 +204,131 @@ def test_second_identical_call_does_not_recompile():
   second = run([0.5, 2.0])  # new λ values, same shapes: the same program
   assert count > 0 and len(traces) == count
   assert not np.allclose(first.weight_sq_norm, second.weight_sq_norm)
+
+
+# ---- folds and minibatches ---------------------------------------------------------------
+
+
+def _regression(n=53):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(n, 4)), jnp.float32)
+  y = x @ jnp.asarray(rng.normal(size=(4, 1)), jnp.float32) + 0.3 * jnp.asarray(
+    rng.normal(size=(n, 1)), jnp.float32
+  )
+  model = helpers.MLP(features=(8, 1))
+
+  def init_fn(key):
+    return model.init(key, jnp.ones((1, 4)))["params"]
+
+  def apply_fn(p, inputs):
+    return model.apply({"params": p}, inputs)
+
+  def mse(out, targets):
+    return jnp.mean((out - targets) ** 2)
+
+  return (x, y), init_fn, apply_fn, mse
+
+
+def test_folds_with_minibatches_equal_training_each_fold_alone():
+  data, init_fn, apply_fn, mse = _regression()
+  lams, k, b, steps, seed = [0.0, 2.0], 5, 4, 23, 1
+  result = jaxl2.sweep(
+    init_fn, apply_fn, mse, optax.adam(1e-2), data, lams=lams, steps=steps, seeds=(seed,),
+    folds=k, batch_size=b, metrics_fn=lambda out, y: {"mae": jnp.mean(jnp.abs(out - y))},
+  )  # fmt: skip
+  size = len(data[1]) // k  # 10: the 53 mod 5 = 3 last examples are left out
+  n_train = (k - 1) * size
+  assert result.m == n_train and result.val_loss.shape == (2, k, 1)
+  everything = np.arange(k * size)
+  for f in range(k):
+    held_out = everything[f * size : (f + 1) * size]
+    part = np.setdiff1d(everything, held_out)
+    train = jaxl2.make_train_step(apply_fn, mse, optax.adam(1e-2), lam=0.0, m=n_train)
+    order_key = jax.random.fold_in(jax.random.key(seed), f + (1 << 20))
+    for i, lam in enumerate(lams):
+      state = train.init(init_fn(jax.random.key(seed)), lam=lam)
+      per_epoch = n_train // b
+      for step in range(steps):
+        order = jax.random.permutation(jax.random.fold_in(order_key, step // per_epoch), part)
+        idx = np.asarray(order)[(step % per_epoch) * b : (step % per_epoch + 1) * b]
+        state, _ = train(state, (data[0][idx], data[1][idx]))
+      got = jax.tree_util.tree_map(lambda w, i=i, f=f: w[i, f, 0], result.params)
+      helpers.assert_trees_close(got, state.params, rtol=1e-5, atol=1e-6)
+      x_val, y_val = data[0][held_out], data[1][held_out]
+      out = apply_fn(state.params, x_val)
+      np.testing.assert_allclose(result.val_loss[i, f, 0], float(mse(out, y_val)), rtol=1e-5)
+      np.testing.assert_allclose(
+        result.metrics["val_mae"][i, f, 0], float(jnp.mean(jnp.abs(out - y_val))), rtol=1e-5
+      )
+  means = result.val_loss.mean(axis=(1, 2))
+  assert result.val_loss[lams.index(result.best_lam)].mean() == means.min()
+  assert result.to_dict()["folds"] == k and "val_mae" in result.to_dict()["results"][0]
+
+
+def test_folds_and_val_data_are_exclusive_and_batch_size_is_checked():
+  data, init_fn, apply_fn, mse = _regression()
+  common = dict(lams=[0.1], steps=2)
+  with pytest.raises(ValueError, match="must be None with `folds`"):
+    jaxl2.sweep(init_fn, apply_fn, mse, optax.sgd(0.1), data, data, folds=3, **common)
+  with pytest.raises(ValueError, match="`val_data` is needed without `folds`"):
+    jaxl2.sweep(init_fn, apply_fn, mse, optax.sgd(0.1), data, **common)
+  with pytest.raises(ValueError, match=r"`batch_size` must be an integer in \[1, 53\]"):
+    jaxl2.sweep(init_fn, apply_fn, mse, optax.sgd(0.1), data, data, batch_size=99, **common)
+  with pytest.raises(ValueError, match="`folds` must be an integer >= 2"):
+    jaxl2.sweep(init_fn, apply_fn, mse, optax.sgd(0.1), data, folds=1, **common)
+
+
+# ---- the general form: model state, dropout, aux ---------------------------------------------
+
+
+class _BNDropout(nn.Module):
+  @nn.compact
+  def __call__(self, x, train):
+    # No bias before BatchNorm (its gradient is rounding noise, which Adam would amplify).
+    x = nn.Dense(8, use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.8)(x))
+    return nn.Dense(10)(nn.Dropout(0.3, deterministic=not train)(x))
+
+
+def _bn_loss(model):
+  def loss_fn(params, stats, batch, key):
+    train = key is not None
+    logits, updates = model.apply(
+      {"params": params, "batch_stats": stats}, batch["x"], train=train,
+      mutable=["batch_stats"] if train else [], rngs={"dropout": key} if train else {},
+    )  # fmt: skip
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    acc = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
+    return loss, (updates["batch_stats"] if train else stats, {"accuracy": acc})
+
+  return loss_fn
+
+
+def test_general_form_with_batchnorm_and_dropout_equals_training_alone():
+  data = jaxl2.load_digits(train_size=40, val_size=50, seed=2)
+  train_data, val_data = {"x": data.x_train, "y": data.y_train}, {"x": data.x_val, "y": data.y_val}
+  model = _BNDropout()
+  loss_fn = _bn_loss(model)
+
+  def init_fn(key):
+    variables = model.init(key, jnp.ones((1, 64)), train=False)
+    return variables["params"], variables["batch_stats"]
+
+  lams, seed = [0.0, 1.0], 4
+  result = jaxl2.sweep(
+    init_fn, None, loss_fn, optax.adam(1e-2), train_data, val_data, lams=lams, steps=15,
+    seeds=(seed,),
+  )  # fmt: skip
+  assert result.val_accuracy.shape == (2, 1) and np.isfinite(result.val_accuracy).all()
+  train = jaxl2.make_train_step(None, loss_fn, optax.adam(1e-2), lam=0.0, m=40)
+  for i, lam in enumerate(lams):
+    state = train.init(*init_fn(jax.random.key(seed)), lam=lam)
+    # The sweep's dropout key for model (λ index i, fold 0, this seed).
+    state = state._replace(key=jax.random.fold_in(jax.random.key(seed), i))
+    for _ in range(15):
+      state, _ = train(state, train_data)
+    got = jax.tree_util.tree_map(lambda w, i=i: w[i, 0], result.params)
+    helpers.assert_trees_close(got, state.params, rtol=1e-5, atol=1e-6)
+    metrics = jaxl2.make_eval_step(train)(state, val_data)
+    np.testing.assert_allclose(result.val_loss[i, 0], float(metrics["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(result.val_accuracy[i, 0], float(metrics["accuracy"]), rtol=1e-6)

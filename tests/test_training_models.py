@@ -259,9 +259,12 @@ def test_equinox_state_matches_equinox_loop():
     return eqx.apply_updates(model, updates), new_state, opt_state, loss
 
   for step in range(STEPS):
+    kernels = jax.device_get([state.params.conv.weight, state.params.head.weight])  # not bn
     state, metrics = train(state, BATCH)
     ref_model, ref_state, opt_state, ref_loss = ref_step(ref_model, ref_state, opt_state, step)
     np.testing.assert_allclose(float(metrics["loss"]), float(ref_loss), rtol=1e-5)
+    reference = helpers.ref_l2([(w, 1.0) for w in kernels], LAM, M)
+    np.testing.assert_allclose(float(metrics["penalty"]), reference, rtol=1e-5)
   _close(state.params, eqx.filter(ref_model, eqx.is_inexact_array), 1e-4)
 
 
