@@ -24,7 +24,7 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))  # `python bench/run.py` from a checkout
 
-SUITES = ("penalty", "train", "peer", "sweep", "precision", "multidevice", "verify")
+SUITES = ("penalty", "train", "peer", "sweep", "precision", "multidevice", "verify", "hyper")
 
 
 def _cpu_model() -> str:

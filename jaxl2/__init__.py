@@ -13,6 +13,15 @@ from jaxl2._family import (
   l2_sp_penalty,
   l2_sp_penalty_grad,
 )
+from jaxl2._hyper import (
+  EffectiveParams,
+  Hypergradient,
+  TuneResult,
+  TuneStep,
+  effective_params,
+  lam_hypergradient,
+  tune_lam,
+)
 from jaxl2._masks import all_floating, by_name, by_ndim, by_regex, by_role
 from jaxl2._penalties import l2_penalty, l2_penalty_grad, regularized, weight_sq_norm
 from jaxl2._sweep import SweepResult, sweep
@@ -40,10 +49,14 @@ __all__ = [
   "AddL2GradState",
   "Description",
   "Digits",
+  "EffectiveParams",
+  "Hypergradient",
   "LeafRow",
   "SweepResult",
   "TrainState",
   "TrainStep",
+  "TuneResult",
+  "TuneStep",
   "VerifyReport",
   "VerifyRow",
   "__version__",
@@ -55,6 +68,7 @@ __all__ = [
   "by_regex",
   "by_role",
   "describe",
+  "effective_params",
   "elastic_net_penalty",
   "elastic_net_penalty_grad",
   "l1_penalty",
@@ -64,6 +78,7 @@ __all__ = [
   "l2_sp_grad",
   "l2_sp_penalty",
   "l2_sp_penalty_grad",
+  "lam_hypergradient",
   "load_digits",
   "make_eval_step",
   "make_train_step",
@@ -73,6 +88,7 @@ __all__ = [
   "to_sklearn_C",
   "to_sklearn_alpha",
   "to_weight_decay",
+  "tune_lam",
   "verify_penalty",
   "verify_update",
   "weight_sq_norm",

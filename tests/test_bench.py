@@ -21,7 +21,7 @@ def test_every_suite_runs_quick(tmp_path):
   (result,) = tmp_path.glob("*.json")
   report = json.loads(result.read_text())
   assert set(report["results"]) == {
-    "penalty", "train", "peer", "sweep", "precision", "multidevice", "verify",
+    "penalty", "train", "peer", "sweep", "precision", "multidevice", "verify", "hyper",
   }  # fmt: skip
   for row in report["results"]["verify"]:
     assert row["median_s"] > 0 and row["x_jit_grad"] > 0
