@@ -45,8 +45,9 @@ import numpy as np
 
 from jaxl2._checks import check_lam, check_m
 from jaxl2._masks import MaskSpec, Selection, all_floating, is_inexact, resolve
-from jaxl2._paths import flatten
+from jaxl2._paths import Leaf, flatten
 from jaxl2._penalties import l2_penalty_grad
+from jaxl2._roles import Role, role_of
 from jaxl2._table import html_table, text_table
 
 __all__ = ["VerifyReport", "VerifyRow", "verify_penalty", "verify_update"]
@@ -55,8 +56,6 @@ Status = Literal[
   "ok", "missing", "unexpected", "scaled", "differs", "unverified", "frozen-decayed", "rounds-away"
 ]
 
-_BIAS_NAMES = frozenset({"bias", "b", "beta"})
-_SCALE_NAMES = frozenset({"scale", "gamma"})
 _HALF_PRECISION = frozenset({jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)})
 
 
@@ -360,13 +359,20 @@ def _name_factor(factor: float, units: _Units) -> str:
   return " or ".join(names)
 
 
-def _leaf_kind(path: str) -> str:
-  name = path.rsplit("/", 1)[-1].lower()
-  if name in _BIAS_NAMES:
-    return "a bias"
-  if name in _SCALE_NAMES:
-    return "a norm scale"
-  return "this leaf"
+_KINDS = {
+  Role.BIAS: "a bias",
+  Role.NORM_SCALE: "a norm scale",
+  Role.NORM_OFFSET: "a norm offset",
+  Role.NORM_OTHER: "a norm parameter",
+  Role.POSITIONAL: "a positional embedding",
+  Role.CLASS_TOKEN: "a class token",
+}
+
+
+def _leaf_kind(path: str, shape: tuple[int, ...]) -> str:
+  """What the leaf is, by the same role rules as the default mask (`jaxl2.by_role`)."""
+  role = role_of(Leaf(path, np.broadcast_to(np.float32(0), shape)))  # a view: no copy
+  return _KINDS.get(role, "this leaf")
 
 
 def _judge(
@@ -397,7 +403,7 @@ def _judge(
     return row("missing", 0.0, 0.0, 0.0, f"not {units.verb}{why}; `mask` selects it")
   if not wanted:
     misfit = st.residual_unit / st.measured
-    note = f"{_leaf_kind(path)} is {units.verb}; `mask` excludes it"
+    note = f"{_leaf_kind(path, shape)} is {units.verb}; `mask` excludes it"
     shape_note = _shape_note(st, misfit, units, update)
     return row(
       "unexpected", st.k_unit, st.k_unit, misfit, note + ("; " + shape_note) * bool(shape_note)
