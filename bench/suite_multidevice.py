@@ -99,6 +99,19 @@ def _compare(
   return {"case": name, "rounds": rounds}, medians
 
 
+def _pair(
+  m: dict[str, dict[str, Any]], labels: dict[str, str], ratio: str, top: str, bottom: str
+) -> dict[str, Any]:
+  """Both runs' compile times (CPU and wall) and reductions, and ``top``/``bottom`` ratios."""
+  out: dict[str, Any] = {}
+  for stat in ("compile_cpu_s", "compile_s", "reductions"):
+    for key, label in labels.items():
+      out[f"{label}_{stat}"] = m[key][stat]
+  out[ratio] = m[top]["compile_cpu_s"] / m[bottom]["compile_cpu_s"]
+  out[f"{ratio}_wall"] = m[top]["compile_s"] / m[bottom]["compile_s"]
+  return out
+
+
 def run(*, quick: bool = False, repeats: int = 20) -> list[dict[str, Any]]:
   """The two comparisons; ``repeats`` is unused (compile times, one per process)."""
   del repeats
@@ -111,14 +124,7 @@ def run(*, quick: bool = False, repeats: int = 20) -> list[dict[str, Any]]:
   )
   row.update(
     leaves=big,
-    one_device_compile_cpu_s=m["one"]["compile_cpu_s"],
-    eight_devices_compile_cpu_s=m["eight"]["compile_cpu_s"],
-    one_device_compile_s=m["one"]["compile_s"],
-    eight_devices_compile_s=m["eight"]["compile_s"],
-    one_device_reductions=m["one"]["reductions"],
-    eight_devices_reductions=m["eight"]["reductions"],
-    eight_vs_one=m["eight"]["compile_cpu_s"] / m["one"]["compile_cpu_s"],
-    eight_vs_one_wall=m["eight"]["compile_s"] / m["one"]["compile_s"],
+    **_pair(m, {"one": "one_device", "eight": "eight_devices"}, "eight_vs_one", "eight", "one"),
     value_rel_diff=abs(m["eight"]["value"] / m["one"]["value"] - 1),
   )
   rows.append(row)
@@ -129,14 +135,7 @@ def run(*, quick: bool = False, repeats: int = 20) -> list[dict[str, Any]]:
   )
   row.update(
     leaves=mid,
-    jaxl2_compile_cpu_s=m["jaxl2"]["compile_cpu_s"],
-    naive_compile_cpu_s=m["naive"]["compile_cpu_s"],
-    jaxl2_compile_s=m["jaxl2"]["compile_s"],
-    naive_compile_s=m["naive"]["compile_s"],
-    jaxl2_reductions=m["jaxl2"]["reductions"],
-    naive_reductions=m["naive"]["reductions"],
-    jaxl2_vs_naive=m["jaxl2"]["compile_cpu_s"] / m["naive"]["compile_cpu_s"],
-    jaxl2_vs_naive_wall=m["jaxl2"]["compile_s"] / m["naive"]["compile_s"],
+    **_pair(m, {"jaxl2": "jaxl2", "naive": "naive"}, "jaxl2_vs_naive", "jaxl2", "naive"),
   )
   rows.append(row)
   a, b = rows
