@@ -105,11 +105,15 @@ def targets(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
   for r in results.get("multidevice", []):
     if "eight_vs_one" in r:
       add(
-        f"8-device compile vs 1 device, {r['leaves']:,} replicated leaves", r["eight_vs_one"], 1.5
+        f"8-device compile vs 1 device, {r['leaves']:,} replicated leaves, {r['mesh']} mesh",
+        r["eight_vs_one"],
+        1.5,
       )
     if "jaxl2_vs_naive" in r:
       add(
-        f"8-device compile vs naive, {r['leaves']:,} replicated leaves", r["jaxl2_vs_naive"], 0.15
+        f"8-device compile vs naive, {r['leaves']:,} replicated leaves, {r['mesh']} mesh",
+        r["jaxl2_vs_naive"],
+        0.15,
       )
   return out
 

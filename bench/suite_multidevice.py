@@ -7,7 +7,11 @@ case) with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``; the tree is
 ``n`` float32 leaves of 40 x 25 (``bench/trees.py``), replicated on a mesh of
 all N devices (``NamedSharding(mesh, P())``, the data-parallel default), and
 ``jax.jit(f).lower(tree).compile()`` is timed, after a warm-up compile of an
-unrelated function (JAX's own first-use costs). Cases, ratios within one run:
+unrelated function (JAX's own first-use costs). Every case runs on both kinds
+of mesh: Explicit axes (the default of `jax.make_mesh` since JAX 0.7: every
+intermediate's type carries its sharding, and the lowered program a sharding
+constraint per op) and Auto axes (the default of `jax.sharding.Mesh`, what
+most training scripts build). Cases, ratios within one run:
 
 * jaxl2 at 2,000 leaves on 8 devices vs on 1 device (target <= 1.5x);
 * jaxl2 vs the naive per-leaf `vdot` sum at 1,000 leaves, both on 8 devices
@@ -35,18 +39,19 @@ LAM, M = 0.1, 100.0
 _REDUCE = re.compile(r"(?<![\w-])reduce\(")
 
 
-def _worker(impl: str, n_leaves: int) -> dict[str, Any]:
-  """Compiles ``impl`` over ``n_leaves`` replicated leaves on all of JAX's devices."""
+def _worker(impl: str, n_leaves: int, axes: str) -> dict[str, Any]:
+  """Compiles ``impl`` over ``n_leaves`` replicated leaves on all devices, ``axes`` mesh axes."""
   import jax
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding
+  from jax.sharding import AxisType, NamedSharding
   from jax.sharding import PartitionSpec as P
 
   import jaxl2
   from bench import trees
 
   jax.jit(lambda x: x + 1).lower(1.0).compile()  # JAX's own first-use costs, outside timing
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  axis_type = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}[axes]
+  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(axis_type,))
   tree = jax.device_put(
     trees.make_tree(trees.many_leaves_shapes(n_leaves)), NamedSharding(mesh, P())
   )
@@ -67,23 +72,25 @@ def _worker(impl: str, n_leaves: int) -> dict[str, Any]:
   }
 
 
-def _spawn(impl: str, n_leaves: int, devices: int) -> dict[str, Any]:
+def _spawn(impl: str, n_leaves: int, devices: int, axes: str) -> dict[str, Any]:
   env = dict(os.environ)
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
   env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
   env["JAX_PLATFORMS"] = "cpu"
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  cmd = [sys.executable, "-m", "bench.suite_multidevice", "--worker", impl, str(n_leaves)]
+  cmd = [sys.executable, "-m", "bench.suite_multidevice", "--worker", impl, str(n_leaves), axes]
   out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
   if out.returncode != 0:
-    raise RuntimeError(f"{impl} at {n_leaves} leaves on {devices} devices:\n{out.stderr[-3000:]}")
+    raise RuntimeError(
+      f"{impl} at {n_leaves} leaves on {devices} devices ({axes}):\n{out.stderr[-3000:]}"
+    )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _compare(
-  name: str, runs: dict[str, tuple[str, int, int]], rounds: int
+  name: str, runs: dict[str, tuple[str, int, int, str]], rounds: int
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-  """Each run (impl, leaves, devices) ``rounds`` times, in turns; medians per run."""
+  """Each run (impl, leaves, devices, axes) ``rounds`` times, in turns; medians per run."""
   samples: dict[str, list[dict[str, Any]]] = {k: [] for k in runs}
   for _ in range(rounds):
     for key, run in runs.items():
@@ -96,7 +103,7 @@ def _compare(
     | {"value": rows[0]["value"], "devices": rows[0]["devices"]}
     for key, rows in samples.items()
   }
-  return {"case": name, "rounds": rounds}, medians
+  return {"case": name, "mesh": runs[next(iter(runs))][3], "rounds": rounds}, medians
 
 
 def _pair(
@@ -113,44 +120,46 @@ def _pair(
 
 
 def run(*, quick: bool = False, repeats: int = 20) -> list[dict[str, Any]]:
-  """The two comparisons; ``repeats`` is unused (compile times, one per process)."""
+  """The two comparisons on each kind of mesh; ``repeats`` is unused (one compile a process)."""
   del repeats
   big, mid, rounds = (100, 100, 1) if quick else (2000, 1000, 3)
   rows = []
-  row, m = _compare(
-    f"jaxl2 compile, {big} replicated leaves, 8 vs 1 device",
-    {"one": ("jaxl2", big, 1), "eight": ("jaxl2", big, 8)},
-    rounds,
-  )
-  row.update(
-    leaves=big,
-    **_pair(m, {"one": "one_device", "eight": "eight_devices"}, "eight_vs_one", "eight", "one"),
-    value_rel_diff=abs(m["eight"]["value"] / m["one"]["value"] - 1),
-  )
-  rows.append(row)
-  row, m = _compare(
-    f"compile, {mid} replicated leaves on 8 devices, jaxl2 vs naive",
-    {"jaxl2": ("jaxl2", mid, 8), "naive": ("naive", mid, 8)},
-    rounds,
-  )
-  row.update(
-    leaves=mid,
-    **_pair(m, {"jaxl2": "jaxl2", "naive": "naive"}, "jaxl2_vs_naive", "jaxl2", "naive"),
-  )
-  rows.append(row)
-  a, b = rows
-  print(
-    f"  multidevice: {big} leaves, 8 vs 1 device {a['eight_vs_one']:.2f}x "
-    f"({a['eight_devices_compile_cpu_s']:.2f} / {a['one_device_compile_cpu_s']:.2f} s CPU); "
-    f"{mid} leaves on 8, jaxl2 vs naive {b['jaxl2_vs_naive']:.3f}x "
-    f"({b['jaxl2_compile_cpu_s']:.2f} / {b['naive_compile_cpu_s']:.2f} s CPU)",
-    flush=True,
-  )
+  for axes in ("explicit", "auto"):
+    row, m = _compare(
+      f"jaxl2 compile, {big} replicated leaves, 8 vs 1 device, {axes} mesh",
+      {"one": ("jaxl2", big, 1, axes), "eight": ("jaxl2", big, 8, axes)},
+      rounds,
+    )
+    row.update(
+      leaves=big,
+      **_pair(m, {"one": "one_device", "eight": "eight_devices"}, "eight_vs_one", "eight", "one"),
+      value_rel_diff=abs(m["eight"]["value"] / m["one"]["value"] - 1),
+    )
+    rows.append(row)
+    row, m = _compare(
+      f"compile, {mid} replicated leaves on 8 devices, jaxl2 vs naive, {axes} mesh",
+      {"jaxl2": ("jaxl2", mid, 8, axes), "naive": ("naive", mid, 8, axes)},
+      rounds,
+    )
+    row.update(
+      leaves=mid,
+      **_pair(m, {"jaxl2": "jaxl2", "naive": "naive"}, "jaxl2_vs_naive", "jaxl2", "naive"),
+    )
+    rows.append(row)
+    a, b = rows[-2:]
+    print(
+      f"  multidevice ({axes}): {big} leaves, 8 vs 1 device {a['eight_vs_one']:.2f}x "
+      f"({a['eight_devices_compile_cpu_s']:.2f} / {a['one_device_compile_cpu_s']:.2f} s CPU); "
+      f"{mid} leaves on 8, jaxl2 vs naive {b['jaxl2_vs_naive']:.3f}x "
+      f"({b['jaxl2_compile_cpu_s']:.2f} / {b['naive_compile_cpu_s']:.2f} s CPU)",
+      flush=True,
+    )
   return rows
 
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--worker", nargs=2, metavar=("IMPL", "LEAVES"), required=True)
+  parser.add_argument("--worker", nargs=3, metavar=("IMPL", "LEAVES", "AXES"), required=True)
   args = parser.parse_args()
-  print(json.dumps(_worker(args.worker[0], int(args.worker[1]))))
+  impl, leaves, axes = args.worker
+  print(json.dumps(_worker(impl, int(leaves), axes)))

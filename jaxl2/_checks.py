@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.experimental import checkify
 
-__all__ = ["check_lam", "check_m", "check_real_scalar"]
+__all__ = ["check_lam", "check_m", "check_real_scalar", "concrete"]
 
 
 def _describe_value(value: Any) -> str:
@@ -52,7 +52,8 @@ def check_real_scalar(value: Any, name: str) -> Any:
   raise TypeError(f"`{name}` must be a real number; got {_describe_value(value)}.")
 
 
-def _concrete(value: Any) -> float | None:
+def concrete(value: Any) -> float | None:
+  """A concrete scalar as a Python float (exact for any integer up to 2**53); None if traced."""
   if isinstance(value, jax.core.Tracer):
     return None
   return float(value)
@@ -61,7 +62,7 @@ def _concrete(value: Any) -> float | None:
 def check_lam(lam: Any, name: str = "lam") -> None:
   """Checks λ: a real scalar, finite and ≥ 0 (values only where concrete)."""
   check_real_scalar(lam, name)
-  value = _concrete(lam)
+  value = concrete(lam)
   if value is None:
     checkify.debug_check(
       (lam >= 0) & (lam < np.inf), f"`{name}` must be a finite number >= 0; got {{}}.", lam
@@ -74,7 +75,7 @@ def check_lam(lam: Any, name: str = "lam") -> None:
 def check_m(m: Any, name: str = "m") -> None:
   """Checks m, the number of training inputs: a real scalar, finite and > 0."""
   check_real_scalar(m, name)
-  value = _concrete(m)
+  value = concrete(m)
   if value is None:
     checkify.debug_check(
       (m > 0) & (m < np.inf),

@@ -7,11 +7,12 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxl2._checks import check_lam, check_m
+from jaxl2._dtypes import is_inexact
 from jaxl2._masks import MaskSpec, resolve
+from jaxl2._setup import l2_from_sq_norm
 from jaxl2._table import html_table, text_table
 
 __all__ = ["Description", "LeafRow", "describe"]
@@ -128,12 +129,8 @@ class Description:
 
 
 def _sq_norm(value: Any) -> float | None:
-  dtype = getattr(value, "dtype", None)
-  if dtype is None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, complex)):
-      return None
-    return float(abs(value) ** 2) if isinstance(value, (float, complex)) else None
-  if not jnp.issubdtype(dtype, jnp.inexact):
+  """‖W‖² in float64 NumPy (the table's own reference), None for a leaf L2 cannot select."""
+  if not is_inexact(value):
     return None
   x = np.asarray(jax.device_get(value))
   x = x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
@@ -201,9 +198,8 @@ def describe(params: Any, *, mask: MaskSpec = None, lam: Any = None, m: Any = No
     )
   description = Description(rows=tuple(rows))
   if lam is not None and description.n_selected:
-    lam_f, m_f = float(lam), float(m)
-    penalty = lam_f / (2 * m_f) * description.weighted_sq_norm
-    description = dataclasses.replace(description, lam=lam_f, m=m_f, penalty=penalty)
+    penalty = l2_from_sq_norm(description.weighted_sq_norm, lam, m)
+    description = dataclasses.replace(description, lam=float(lam), m=float(m), penalty=penalty)
   elif lam is not None:
     description = dataclasses.replace(description, lam=float(lam), m=float(m))
   return description

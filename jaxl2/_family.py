@@ -12,7 +12,6 @@ and the L2 part of the elastic net, and ‖W_j − W₀_j‖² for L2-SP.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from jaxl2._checks import check_lam, check_m, check_real_scalar
-from jaxl2._masks import ARRAY_TYPES, MaskSpec, Selection, resolve
+from jaxl2._checks import check_real_scalar
+from jaxl2._dtypes import ARRAY_TYPES, conj_upcast, upcast
+from jaxl2._masks import MaskSpec, Selection
 from jaxl2._paths import Leaf, flatten
-from jaxl2._penalties import accumulation_dtype, conj_upcast, grad_tree, lam_over_m, upcast
 from jaxl2._reduce import abs_values, squares, weighted_sum
+from jaxl2._setup import Setup, grad_tree, l2_from_sq_norm, selected_sum, setup
 
 __all__ = [
   "elastic_net_penalty",
@@ -34,25 +34,6 @@ __all__ = [
   "l2_sp_penalty",
   "l2_sp_penalty_grad",
 ]
-
-# ---- shared plumbing -------------------------------------------------------------
-
-
-def _setup(params: Any, lam: Any, m: Any, mask: MaskSpec) -> tuple[Selection, jnp.dtype, jax.Array]:
-  """Validates, resolves the mask; returns the selection, the accumulation dtype and λ/m."""
-  check_lam(lam)
-  check_m(m)
-  selection = resolve(params, mask)
-  acc = accumulation_dtype(selection)
-  return selection, acc, lam_over_m(lam, m, acc)
-
-
-def _sum(selection: Selection, elementwise: Callable[..., jax.Array], acc: jnp.dtype) -> jax.Array:
-  """Σ_j c_j · Σ elementwise(W_j) over the selected leaves."""
-  selected = selection.selected
-  return weighted_sum(
-    [leaf.value for leaf, _ in selected], [c for _, c in selected], elementwise, acc
-  )
 
 
 def _abs_grad(value: jax.Array, acc: jnp.dtype) -> jax.Array:
@@ -102,8 +83,8 @@ def l1_penalty(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> jax.A
     >>> jaxl2.l1_penalty(params, lam=0.5, m=4)
     Array(0.375, dtype=float32)
   """
-  selection, acc, scale = _setup(params, lam, m, mask)
-  return scale * _sum(selection, abs_values, acc)
+  selection, acc, scale = setup(params, lam, m, mask)
+  return scale * selected_sum(selection, abs_values, acc)
 
 
 def l1_penalty_grad(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> Any:
@@ -129,7 +110,7 @@ def l1_penalty_grad(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> 
     >>> jaxl2.l1_penalty_grad({"w": jnp.array([[-2.0, 0.0, 3.0]])}, lam=1.0, m=4)
     {'w': Array([[-0.25,  0.25,  0.25]], dtype=float32)}
   """
-  selection, acc, scale = _setup(params, lam, m, mask)
+  selection, acc, scale = setup(params, lam, m, mask)
   return grad_tree(selection, scale, acc, lambda w, _, coef: coef * _abs_grad(w, acc))
 
 
@@ -181,10 +162,10 @@ def elastic_net_penalty(
     Array(1.375, dtype=float32)
   """
   _check_l1_ratio(l1_ratio)
-  selection, acc, scale = _setup(params, lam, m, mask)
+  selection, acc, scale = setup(params, lam, m, mask)
   rho = jnp.asarray(l1_ratio).astype(acc)
-  l1, l2 = _sum(selection, abs_values, acc), _sum(selection, squares, acc)
-  return scale * (rho * l1 + (1 - rho) / 2 * l2)
+  l1, l2 = selected_sum(selection, abs_values, acc), selected_sum(selection, squares, acc)
+  return scale * rho * l1 + l2_from_sq_norm((1 - rho) * l2, lam, m)
 
 
 def elastic_net_penalty_grad(
@@ -212,7 +193,7 @@ def elastic_net_penalty_grad(
     {'w': Array([[-0.75,  1.25]], dtype=float32)}
   """
   _check_l1_ratio(l1_ratio)
-  selection, acc, scale = _setup(params, lam, m, mask)
+  selection, acc, scale = setup(params, lam, m, mask)
   rho = jnp.asarray(l1_ratio).astype(acc)
 
   def leaf_grad(w: jax.Array, _: Any, coef: jax.Array) -> jax.Array:
@@ -272,10 +253,10 @@ def anchor_values(selection: Selection, anchor: Any) -> list[Any]:
 
 def _l2_sp_setup(
   params: Any, anchor: Any, lam: Any, m: Any, mask: MaskSpec
-) -> tuple[Selection, jnp.dtype, jax.Array, list[Any]]:
-  """`_setup`, plus the checked anchor leaves in the order of ``selection.leaves``."""
-  selection, acc, scale = _setup(params, lam, m, mask)
-  return selection, acc, scale, anchor_values(selection, anchor)
+) -> tuple[Setup, list[Any]]:
+  """`setup`, plus the checked anchor leaves in the order of ``selection.leaves``."""
+  prepared = setup(params, lam, m, mask)
+  return prepared, anchor_values(prepared.selection, anchor)
 
 
 def l2_sp_penalty(
@@ -320,13 +301,13 @@ def l2_sp_penalty(
     >>> jaxl2.l2_sp_penalty(params, anchor, lam=1.0, m=2)
     Array(1., dtype=float32)
   """
-  selection, acc, scale, anchors = _l2_sp_setup(params, anchor, lam, m, mask)
+  (selection, acc, _), anchors = _l2_sp_setup(params, anchor, lam, m, mask)
   diffs, multipliers = [], []
   for leaf, ref, multiplier in zip(selection.leaves, anchors, selection.multipliers, strict=True):
     if multiplier != 0.0:
       diffs.append(upcast(leaf.value, acc) - upcast(ref, acc))
       multipliers.append(multiplier)
-  return scale / 2 * weighted_sum(diffs, multipliers, squares, acc)
+  return l2_from_sq_norm(weighted_sum(diffs, multipliers, squares, acc), lam, m)
 
 
 def l2_sp_penalty_grad(params: Any, anchor: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> Any:
@@ -351,7 +332,7 @@ def l2_sp_penalty_grad(params: Any, anchor: Any, lam: Any, m: Any, *, mask: Mask
     >>> jaxl2.l2_sp_penalty_grad(params, anchor, lam=1.0, m=2)
     {'w': Array([[0., 1.]], dtype=float32)}
   """
-  selection, acc, scale, anchors = _l2_sp_setup(params, anchor, lam, m, mask)
+  (selection, acc, scale), anchors = _l2_sp_setup(params, anchor, lam, m, mask)
 
   def leaf_grad(w: jax.Array, w0: Any, coef: jax.Array) -> jax.Array:
     return coef * (conj_upcast(w, acc) - conj_upcast(w0, acc))

@@ -29,7 +29,7 @@ import optax
 
 from jaxl2._checks import check_lam, check_m
 from jaxl2._masks import MaskSpec, resolve
-from jaxl2._penalties import lam_over_m
+from jaxl2._setup import lam_over_m
 from jaxl2._training import TrainState, TrainStep, make_train_step
 
 __all__ = [

@@ -30,11 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxl2._dtypes import ARRAY_TYPES, is_inexact
 from jaxl2._paths import Leaf, flatten
 from jaxl2._roles import Role, role_of, role_selected
 
 __all__ = [
-  "ARRAY_TYPES",
   "LeafMask",
   "MaskSpec",
   "Rule",
@@ -44,7 +44,6 @@ __all__ = [
   "by_ndim",
   "by_regex",
   "by_role",
-  "is_inexact",
   "resolve",
   "to_multiplier",
 ]
@@ -53,14 +52,6 @@ LeafMask: TypeAlias = Callable[[str, Any], "bool | float"]
 MaskSpec: TypeAlias = "LeafMask | Callable[[Any], Any] | Any | None"
 
 _HOW_TO_CHECK = "Check what is selected with `jaxl2.describe(params, mask=...)`."
-
-
-def is_inexact(leaf: Any) -> bool:
-  """Whether a leaf is floating or complex (Python floats and complex numbers included)."""
-  dtype = getattr(leaf, "dtype", None)
-  if dtype is None:
-    return isinstance(leaf, (float, complex)) and not isinstance(leaf, bool)
-  return jnp.issubdtype(dtype, jnp.inexact)
 
 
 class Rule:
@@ -319,10 +310,6 @@ class Selection(NamedTuple):
   def selected(self) -> list[tuple[Leaf, float]]:
     """The selected leaves with their multipliers, in pytree order."""
     return [(leaf, w) for leaf, w in zip(self.leaves, self.multipliers, strict=True) if w != 0.0]
-
-
-# What a parameter leaf may be; anything else is a TypeError naming its path.
-ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, numbers.Number)
 
 
 def _check_leaf_types(leaves: list[Leaf]) -> None:

@@ -1,8 +1,7 @@
 """The L2 penalty (λ / 2m) · Σ_j ‖W_j‖², its analytic gradient, and `regularized`.
 
-Accumulation is in float32, or float64 when a selected leaf is 64-bit: bf16
-and fp16 leaves are upcast before squaring, so weights of magnitude ~1000 in
-fp16 (whose squares overflow fp16) give a finite, exact-to-float32 penalty.
+Accumulation is in float32, or float64 when a selected leaf is 64-bit, with
+bf16/fp16 leaves upcast before squaring (`jaxl2._dtypes`).
 """
 
 from __future__ import annotations
@@ -12,79 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from jaxl2._checks import check_lam, check_m
-from jaxl2._masks import MaskSpec, Selection, resolve
-from jaxl2._reduce import squares, weighted_sum
+from jaxl2._dtypes import accumulation_dtype, conj_upcast
+from jaxl2._masks import MaskSpec, resolve
+from jaxl2._reduce import squares
+from jaxl2._setup import grad_tree, l2_from_sq_norm, selected_sum, setup
 
-__all__ = [
-  "LeafGrad",
-  "accumulation_dtype",
-  "conj_upcast",
-  "grad_tree",
-  "l2_from_sq_norm",
-  "l2_penalty",
-  "l2_penalty_grad",
-  "lam_over_m",
-  "regularized",
-  "sum_of_squares",
-  "upcast",
-  "weight_sq_norm",
-]
-
-
-_WIDE = frozenset({jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)})
-
-
-def accumulation_dtype(selection: Selection) -> jnp.dtype:
-  """float64 if any selected leaf is float64/complex128 and 64-bit is enabled, else float32.
-
-  Python numbers count as float32 (JAX's weak types), so a stray ``1.0`` leaf
-  does not switch a float32 model to float64 under ``jax_enable_x64``. NumPy
-  float64 leaves with 64-bit disabled are computed in float32, as JAX computes
-  everything then (asking for float64 would only warn and truncate).
-  """
-  for leaf, _ in selection.selected:
-    dtype = getattr(leaf.value, "dtype", None)
-    if dtype is not None and jnp.dtype(dtype) in _WIDE:
-      return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
-  return jnp.dtype(jnp.float32)
-
-
-def sum_of_squares(selection: Selection, acc: jnp.dtype) -> jax.Array:
-  """Σ_j c_j · ‖W_j‖² over the selected leaves, accumulated in ``acc``."""
-  selected = selection.selected
-  return weighted_sum([leaf.value for leaf, _ in selected], [c for _, c in selected], squares, acc)
-
-
-def _concrete(value: Any) -> float | None:
-  """A concrete scalar as a Python float (exact for any integer up to 2**53), or None."""
-  if isinstance(value, jax.core.Tracer):
-    return None
-  return float(value)
-
-
-def lam_over_m(lam: Any, m: Any, acc: jnp.dtype, *, half: bool = False) -> jax.Array:
-  """λ/m (λ/2m with ``half``) as a 0-d array of dtype ``acc``.
-
-  Concrete values are divided in Python's float64 and rounded once, so an
-  integer m of any size and type (a token count of 2·10¹², a NumPy int64 or
-  uint64) is exact: never an int32 overflow or a wrap-around. A traced λ or m
-  is cast to ``acc`` first.
-  """
-  lam_f, m_f = _concrete(lam), _concrete(m)
-  denominator = 2.0 if half else 1.0
-  if lam_f is not None and m_f is not None:
-    return jnp.asarray(lam_f / (denominator * m_f), acc)
-  lam_a = jnp.asarray(lam_f, acc) if lam_f is not None else jnp.asarray(lam).astype(acc)
-  m_a = jnp.asarray(m_f, acc) if m_f is not None else jnp.asarray(m).astype(acc)
-  return lam_a / (denominator * m_a)
-
-
-def l2_from_sq_norm(sq_norm: jax.Array, lam: Any, m: Any) -> jax.Array:
-  """(λ / 2m) · sq_norm in the dtype of ``sq_norm``: the one place the formula is written."""
-  return lam_over_m(lam, m, sq_norm.dtype, half=True) * sq_norm
+__all__ = ["l2_penalty", "l2_penalty_grad", "regularized", "weight_sq_norm"]
 
 
 def weight_sq_norm(params: Any, *, mask: MaskSpec = None) -> jax.Array:
@@ -105,7 +39,8 @@ def weight_sq_norm(params: Any, *, mask: MaskSpec = None) -> jax.Array:
     Array(36., dtype=float32)
   """
   selection = resolve(params, mask)
-  return sum_of_squares(selection, accumulation_dtype(selection))
+  acc = accumulation_dtype(leaf.value for leaf, _ in selection.selected)
+  return selected_sum(selection, squares, acc)
 
 
 def l2_penalty(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> jax.Array:
@@ -144,57 +79,8 @@ def l2_penalty(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> jax.A
     >>> jaxl2.l2_penalty(params, lam=0.5, m=4)
     Array(0.25, dtype=float32)
   """
-  check_lam(lam)
-  check_m(m)
-  return l2_from_sq_norm(weight_sq_norm(params, mask=mask), lam, m)
-
-
-# Maps one selected leaf W_j (in its own dtype), its anchor W₀_j (None but for
-# L2-SP) and its coefficient (λ/m)·c_j to its gradient in the accumulation dtype.
-LeafGrad = Callable[[jax.Array, Any, jax.Array], jax.Array]
-
-
-def upcast(x: Any, acc: jnp.dtype) -> jax.Array:
-  """``x`` in the accumulation precision: ``acc``, or its complex counterpart."""
-  x = jnp.asarray(x)
-  if jnp.iscomplexobj(x):
-    return x.astype(jnp.complex128 if acc == jnp.float64 else jnp.complex64)
-  return x.astype(acc)
-
-
-def conj_upcast(value: jax.Array, acc: jnp.dtype) -> jax.Array:
-  """w, or conj(w) for complex w: JAX's gradient of ½|w|²."""
-  x = upcast(value, acc)
-  return jnp.conj(x) if jnp.iscomplexobj(x) else x
-
-
-def grad_tree(
-  selection: Selection,
-  scale: jax.Array,
-  acc: jnp.dtype,
-  leaf_grad: LeafGrad,
-  anchors: list[Any] | None = None,
-) -> Any:
-  """``leaf_grad`` on the selected leaves (cast back to each leaf's dtype), zeros elsewhere.
-
-  Zeros too at the second path of a shared NNX Variable (its gradient is at
-  its first path) and None at an Equinox module's non-array fields.
-  """
-  anchors = anchors if anchors is not None else [None] * len(selection.leaves)
-  out = []
-  for leaf, ref, multiplier in zip(selection.leaves, anchors, selection.multipliers, strict=True):
-    if leaf.not_array:  # An Equinox field such as an activation: None, as `eqx.filter_grad` gives.
-      out.append(None)
-      continue
-    value = jnp.asarray(leaf.value)
-    if multiplier == 0.0:
-      # Not zeros_like: under jit with sharded (Auto-axis) params it comes back
-      # replicated. A `where` on the leaf keeps its layout; XLA still only fills.
-      out.append(jnp.where(jnp.zeros_like(value, dtype=bool), value, jnp.zeros((), value.dtype)))
-      continue
-    coef = scale if multiplier == 1.0 else scale * jnp.asarray(multiplier, acc)
-    out.append(leaf_grad(value, ref, coef).astype(value.dtype))
-  return jax.tree_util.tree_unflatten(selection.treedef, out)
+  selection, acc, _ = setup(params, lam, m, mask)
+  return l2_from_sq_norm(selected_sum(selection, squares, acc), lam, m)
 
 
 def l2_penalty_grad(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> Any:
@@ -218,11 +104,7 @@ def l2_penalty_grad(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> 
     >>> jaxl2.l2_penalty_grad({"w": jnp.ones((1, 2)), "b": jnp.ones(2)}, lam=0.5, m=4)
     {'b': Array([0., 0.], dtype=float32), 'w': Array([[0.125, 0.125]], dtype=float32)}
   """
-  check_lam(lam)
-  check_m(m)
-  selection = resolve(params, mask)
-  acc = accumulation_dtype(selection)
-  scale = lam_over_m(lam, m, acc)
+  selection, acc, scale = setup(params, lam, m, mask)
   return grad_tree(selection, scale, acc, lambda w, _, coef: coef * conj_upcast(w, acc))
 
 

@@ -70,7 +70,9 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["abs_values", "squares", "weighted_sum"]
+from jaxl2._dtypes import upcast
+
+__all__ = ["Elementwise", "abs_values", "squares", "weighted_sum"]
 
 Elementwise = Callable[[jax.Array, jnp.dtype], jax.Array]
 
@@ -92,9 +94,7 @@ def squares(x: jax.Array, acc: jnp.dtype) -> jax.Array:
 
 def abs_values(x: jax.Array, acc: jnp.dtype) -> jax.Array:
   """|x| elementwise in ``acc`` (the modulus for complex ``x``)."""
-  if jnp.iscomplexobj(x):
-    return jnp.abs(x.astype(jnp.complex128 if acc == jnp.float64 else jnp.complex64))
-  return jnp.abs(x.astype(acc))
+  return jnp.abs(upcast(x, acc))
 
 
 # For real x, f'(x)·dx = factor · slope(x) · dx: a single multiply per element

@@ -42,11 +42,10 @@ role unknown           anything else                                       ndim 
 from __future__ import annotations
 
 import re
-from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
+from jaxl2._dtypes import is_inexact
 from jaxl2._paths import Leaf
 
 __all__ = ["Role", "role_of", "role_selected"]
@@ -132,16 +131,9 @@ def _is_norm(name: str | None) -> bool:
   )
 
 
-def _is_inexact(value: Any) -> bool:
-  dtype = getattr(value, "dtype", None)
-  if dtype is None:
-    return isinstance(value, (float, complex))
-  return jnp.issubdtype(dtype, jnp.inexact)
-
-
 def role_of(leaf: Leaf) -> str:
   """The role of one leaf, by the rules in this module's docstring."""
-  if not _is_inexact(leaf.value):
+  if not is_inexact(leaf.value):
     return Role.NOT_FLOATING
   keys = _names(leaf.path)
   name = keys[-1] if keys and not keys[-1].isdigit() else ""

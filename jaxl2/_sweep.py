@@ -23,7 +23,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxl2._checks import check_lam, check_m
 from jaxl2._masks import MaskSpec
-from jaxl2._penalties import l2_from_sq_norm, weight_sq_norm
+from jaxl2._penalties import weight_sq_norm
+from jaxl2._setup import l2_from_sq_norm
 from jaxl2._training import TrainState, TrainStep, accuracy, make_train_step
 
 __all__ = ["SweepResult", "sweep"]

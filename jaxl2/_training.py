@@ -24,10 +24,12 @@ from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxl2._checks import check_lam, check_m
+from jaxl2._dtypes import accumulation_dtype
 from jaxl2._masks import MaskSpec, resolve
 from jaxl2._models import split_model
 from jaxl2._paths import path_str
-from jaxl2._penalties import accumulation_dtype, l2_from_sq_norm, weight_sq_norm
+from jaxl2._penalties import weight_sq_norm
+from jaxl2._setup import l2_from_sq_norm
 
 __all__ = ["TrainState", "TrainStep", "accuracy", "make_eval_step", "make_train_step"]
 
@@ -269,7 +271,10 @@ class TrainStep:
       params=params,
       opt_state=self.optimizer.init(params),
       step=jnp.zeros([], jnp.int32),
-      lam=_as_lam(self.lam if lam is None else lam, accumulation_dtype(selection)),
+      lam=_as_lam(
+        self.lam if lam is None else lam,
+        accumulation_dtype(leaf.value for leaf, _ in selection.selected),
+      ),
       model_state=model_state,
       key=key,
     )

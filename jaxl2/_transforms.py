@@ -23,6 +23,7 @@ from jaxl2._checks import check_lam, check_m
 from jaxl2._family import anchor_values, l2_sp_penalty_grad
 from jaxl2._masks import MaskSpec, resolve
 from jaxl2._penalties import l2_penalty_grad
+from jaxl2._setup import lam_over_m
 
 __all__ = [
   "AddL2GradState",
@@ -186,7 +187,7 @@ def to_weight_decay(lam: float, m: float) -> float:
   """
   check_lam(lam)
   check_m(m)
-  return float(lam) / float(m)
+  return lam_over_m(lam, m)
 
 
 def to_keras_l2(lam: float, m: float) -> float:
@@ -202,7 +203,7 @@ def to_keras_l2(lam: float, m: float) -> float:
   """
   check_lam(lam)
   check_m(m)
-  return float(lam) / (2.0 * float(m))
+  return lam_over_m(lam, m, half=True)
 
 
 def to_sklearn_alpha(lam: float) -> float:

@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2._checks import check_lam, check_m
-from jaxl2._masks import MaskSpec, Selection, all_floating, is_inexact, resolve
+from jaxl2._dtypes import is_inexact
+from jaxl2._masks import MaskSpec, Selection, all_floating, resolve
 from jaxl2._paths import Leaf, flatten
 from jaxl2._penalties import l2_penalty_grad
 from jaxl2._roles import Role, role_of

@@ -28,6 +28,7 @@ def test_every_suite_runs_quick(tmp_path):
   assert report["machine"]["versions"]["jax"]
   for row in report["results"]["penalty"]:
     assert row["jaxl2_ms"] > 0 and row["limit_ms"] > 0
+  assert {row["mesh"] for row in report["results"]["multidevice"]} == {"explicit", "auto"}
   for row in report["results"]["multidevice"]:
     # 8 replicated devices take one device's plan: the same reductions, the same sum.
     if "eight_vs_one" in row:
