@@ -1,4 +1,4 @@
-"""Validation of the scalar hyperparameters ``lam`` and ``m``.
+"""Validation of user arguments: the scalars ``lam`` and ``m``, callables and optimizers.
 
 Values are checked where they are concrete. Under `jax.jit`, `jax.vmap` or
 `jax.grad` they are tracers whose values do not exist yet: then only their
@@ -17,7 +17,14 @@ import jax
 import numpy as np
 from jax.experimental import checkify
 
-__all__ = ["check_lam", "check_m", "check_real_scalar", "concrete"]
+__all__ = [
+  "check_callable",
+  "check_lam",
+  "check_m",
+  "check_optimizer",
+  "check_real_scalar",
+  "concrete",
+]
 
 
 def _describe_value(value: Any) -> str:
@@ -87,4 +94,20 @@ def check_m(m: Any, name: str = "m") -> None:
     raise ValueError(
       f"`{name}` (the number of training inputs) must be a finite number > 0; got {value!r}. "
       "Pass the size of the training set, not of the batch."
+    )
+
+
+def check_callable(fn: Any, name: str) -> None:
+  """Checks that ``fn`` (the argument called ``name``) is callable."""
+  if not callable(fn):
+    raise TypeError(f"`{name}` must be callable; got {fn!r:.80} ({type(fn).__name__}).")
+
+
+def check_optimizer(tx: Any, name: str = "optimizer") -> None:
+  """Checks that ``tx`` is an optax GradientTransformation (callable ``init`` and ``update``)."""
+  if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+    raise TypeError(
+      f"`{name}` must be an optax GradientTransformation (with `init` and `update`); got "
+      f"{tx!r:.80} ({type(tx).__name__}). Pass the transformation, e.g. `optax.sgd(0.1)`, "
+      "not its state or its updates."
     )

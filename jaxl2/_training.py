@@ -23,7 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxl2._checks import check_lam, check_m
+from jaxl2._checks import check_callable, check_lam, check_m, check_optimizer
 from jaxl2._dtypes import accumulation_dtype
 from jaxl2._masks import MaskSpec, resolve
 from jaxl2._models import split_model
@@ -195,14 +195,10 @@ class TrainStep:
     param_sharding: ShardingSpec = None,
     batch_sharding: ShardingSpec = None,
   ) -> None:
-    for name, fn in (("apply_fn", apply_fn), ("loss_fn", loss_fn)):
-      if not callable(fn) and not (name == "apply_fn" and fn is None):
-        raise TypeError(f"`{name}` must be callable; got {fn!r} ({type(fn).__name__}).")
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-      raise TypeError(
-        f"`optimizer` must be an optax.GradientTransformation (with init and update); got "
-        f"{optimizer!r}. For example `optax.sgd(0.1)`."
-      )
+    if apply_fn is not None:
+      check_callable(apply_fn, "apply_fn")
+    check_callable(loss_fn, "loss_fn")
+    check_optimizer(optimizer)
     self.apply_fn, self.loss_fn, self.optimizer = apply_fn, loss_fn, optimizer
     # The general form's loss, set by `init` once it has seen the model (an
     # NNX module's graph, an Equinox module's static fields).

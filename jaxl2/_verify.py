@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxl2._checks import check_lam, check_m
+from jaxl2._checks import check_lam, check_m, check_optimizer
 from jaxl2._dtypes import is_inexact
 from jaxl2._masks import MaskSpec, Selection, all_floating, resolve
 from jaxl2._paths import Leaf, flatten
@@ -693,15 +693,6 @@ def _check_options(lam: Any, m: Any, rtol: Any, batch_size: Any) -> None:
     )
 
 
-def _check_transform(tx: Any, name: str) -> None:
-  if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
-    raise TypeError(
-      f"`{name}` must be an optax GradientTransformation (with `init` and `update`); got "
-      f"{tx!r:.80} ({type(tx).__name__}). Pass the transformation, e.g. `optax.sgd(0.1)`, "
-      "not its state or its updates."
-    )
-
-
 def _report(
   check: str,
   selection: Selection,
@@ -909,8 +900,8 @@ def verify_update(
     >>> report.verdict
     'FAILED: 1 of 2 leaves wrong (1 unexpected).'
   """
-  _check_transform(tx, "tx")
-  _check_transform(base_tx, "base_tx")
+  check_optimizer(tx, "tx")
+  check_optimizer(base_tx, "base_tx")
   _check_options(lam, m, rtol, batch_size)
   selection = resolve(params, mask)
   params, selection, _ = _nnx_params(params, selection, None)

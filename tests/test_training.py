@@ -109,7 +109,7 @@ def test_bad_arguments():
   with pytest.raises(TypeError, match="`apply_fn` must be callable"):
     jaxl2.make_train_step("model", lambda o, y: 0.0, optax.sgd(0.1), lam=0.1, m=1)
   with pytest.raises(
-    TypeError, match=re.escape("`optimizer` must be an optax.GradientTransformation")
+    TypeError, match=re.escape("`optimizer` must be an optax GradientTransformation")
   ):
     jaxl2.make_train_step(lambda p, x: x, lambda o, y: 0.0, 0.1, lam=0.1, m=1)
   with pytest.raises(ValueError, match=r"`m` .* must be a finite number > 0"):
