@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Digits", "load_digits"]
+__all__ = ["N_DIGITS", "Digits", "check_train_size", "load_digits"]
+
+N_DIGITS = 1797  # images in scikit-learn's digits set
 
 
 class Digits(NamedTuple):
@@ -20,6 +22,19 @@ class Digits(NamedTuple):
   y_train: np.ndarray
   x_val: np.ndarray
   y_val: np.ndarray
+
+
+def check_train_size(train_size: Any) -> None:
+  """Checks a digits training size: an integer in [1, N_DIGITS - 1] (validation needs some)."""
+  if (
+    isinstance(train_size, bool)
+    or not isinstance(train_size, int)
+    or not 1 <= train_size < N_DIGITS
+  ):
+    raise ValueError(
+      f"`train_size` must be an integer in [1, {N_DIGITS - 1}] (the digits set has "
+      f"{N_DIGITS} images and validation needs some); got {train_size!r}."
+    )
 
 
 def load_digits(*, train_size: int = 200, val_size: int | None = None, seed: int = 0) -> Digits:
@@ -48,10 +63,9 @@ def load_digits(*, train_size: int = 200, val_size: int | None = None, seed: int
     from sklearn.datasets import load_digits as sk_load_digits
   except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError('jaxl2.load_digits needs scikit-learn: pip install "jaxl2[demo]"') from err
+  check_train_size(train_size)
   images, labels = sk_load_digits(return_X_y=True)
   n = len(labels)
-  if isinstance(train_size, bool) or not isinstance(train_size, int) or not 1 <= train_size < n:
-    raise ValueError(f"`train_size` must be an integer in [1, {n - 1}]; got {train_size!r}.")
   remaining = n - train_size
   if val_size is None:
     val_size = remaining

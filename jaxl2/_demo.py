@@ -10,6 +10,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from jaxl2._table import text_table
+
 __all__ = ["DEFAULT_LAMBDAS", "format_table", "plot", "run_demo"]
 
 # Log-spaced from 0.001 to 10, plus 0: from no regularization to too much.
@@ -21,15 +23,19 @@ N_INIT_SEEDS = 3
 
 def format_table(result: dict[str, Any]) -> str:
   """The per-λ table of a demo result (``demo.json``'s content), best λ marked."""
-  header = f"{'λ':>9}  {'train acc':>9}  {'val acc':>7}  {'Σ‖W‖²':>9}  {'penalty':>9}"
-  lines = [header, "-" * len(header)]
-  for row in result["results"]:
-    mark = "  <- best (lowest val loss)" if row["lam"] == result["best_lam"] else ""
-    lines.append(
-      f"{row['lam']:>9.4g}  {row['train_accuracy']:>9.3f}  {row['val_accuracy']:>7.3f}  "
-      f"{row['weight_sq_norm']:>9.2f}  {row['penalty']:>9.4f}{mark}"
+  body = [
+    (
+      f"{row['lam']:.4g}",
+      f"{row['train_accuracy']:.3f}",
+      f"{row['val_accuracy']:.3f}",
+      f"{row['weight_sq_norm']:.2f}",
+      f"{row['penalty']:.4f}",
+      "<- best (lowest val loss)" if row["lam"] == result["best_lam"] else "",
     )
-  return "\n".join(lines)
+    for row in result["results"]
+  ]
+  header = ("λ", "train acc", "val acc", "Σ‖W‖²", "penalty", "")
+  return text_table(header, body, right={0, 1, 2, 3, 4})
 
 
 def plot(result: dict[str, Any], path: pathlib.Path) -> None:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jaxl2._checks import check_lam
+from jaxl2._datasets import check_train_size
 
 __all__ = ["main"]
-
-_DIGITS_SIZE = 1797  # images in scikit-learn's digits set
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,32 +22,56 @@ class _Parser(argparse.ArgumentParser):
     self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _lambdas(text: str) -> list[float]:
+def _argument_type(parse: Callable[[str], Any], check: Callable[[Any], None]) -> Callable:
+  """An argparse type: ``parse`` the text, then the library's own ``check`` of the value."""
+
+  def convert(text: str) -> Any:
+    try:
+      value = parse(text)
+      check(value)
+    except ValueError as err:
+      raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+  return convert
+
+
+def _parse_lambdas(text: str) -> list[float]:
   values = []
   for item in text.split(","):
     try:
-      value = float(item)
+      values.append(float(item))
     except ValueError:
-      raise argparse.ArgumentTypeError(
+      raise ValueError(
         f"λ must be numbers separated by commas (e.g. 0,0.01,0.1,1); got {item.strip()!r}"
       ) from None
-    if not math.isfinite(value) or value < 0:
-      raise argparse.ArgumentTypeError(f"each λ must be a finite number >= 0; got {item.strip()}")
-    values.append(value)
   return values
 
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
+def _check_lambdas(values: list[float]) -> None:
+  for value in values:
+    check_lam(value, "λ")
+
+
+def _check_positive(value: int) -> None:
   if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
-  return value
+    raise ValueError(f"expected a positive integer; got {value}")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parse_int(text: str) -> int:
+  try:
+    return int(text)
+  except ValueError:
+    raise ValueError(f"expected a positive integer; got {text!r}") from None
+
+
+_lambdas = _argument_type(_parse_lambdas, _check_lambdas)
+_positive_int = _argument_type(_parse_int, _check_positive)
+_train_size = _argument_type(_parse_int, check_train_size)
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+  """The ``jaxl2`` parser and its ``demo`` subcommand's parser."""
   from jaxl2 import __version__
 
   parser = _Parser(
@@ -70,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
   )
   demo.add_argument(
     "--train-size",
-    type=_positive_int,
+    type=_train_size,
     default=100,
     help="training images, m (default 100: small enough that λ = 0 overfits)",
   )
@@ -84,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     help="folder for demo.json and demo.png (default ./jaxl2-demo)",
   )
   demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-  return parser
+  return parser, demo
 
 
 def _check_out(parser: argparse.ArgumentParser, out: pathlib.Path) -> None:
@@ -109,17 +134,11 @@ def _use_every_cpu_core() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the command line; returns the exit status."""
-  parser = _parser()
+  parser, demo_parser = _parsers()
   args = parser.parse_args(argv)
   if args.command is None:
     parser.print_help(sys.stdout)
     return 0
-  demo_parser = parser._subparsers._group_actions[0].choices["demo"]
-  if args.train_size >= _DIGITS_SIZE:
-    demo_parser.error(
-      f"argument --train-size: must be below {_DIGITS_SIZE} (the digits set has "
-      f"{_DIGITS_SIZE} images and validation needs some); got {args.train_size}"
-    )
   _check_out(demo_parser, args.out)
   _use_every_cpu_core()
   from jaxl2._demo import DEFAULT_LAMBDAS, run_demo

@@ -68,11 +68,12 @@ def test_python_dash_m_demo_runs(tmp_path):
 @pytest.mark.parametrize(
   ("args", "message"),
   [
-    (["--lambdas", "0,-1"], "each λ must be a finite number >= 0; got -1"),
+    (["--lambdas", "0,-1"], "argument --lambdas: `λ` must be a finite number >= 0; got -1.0"),
     (["--lambdas", "0,abc"], "λ must be numbers separated by commas"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
-    (["--train-size", "5000"], "--train-size: must be below 1797"),
-    (["--train-size", "0"], "expected a positive integer; got 0"),
+    (["--train-size", "5000"], "--train-size: `train_size` must be an integer in [1, 1796]"),
+    (["--train-size", "0"], "--train-size: `train_size` must be an integer in [1, 1796]"),
+    (["--steps", "0"], "argument --steps: expected a positive integer; got 0"),
     (["--steps", "x"], "expected a positive integer; got 'x'"),
     (["--out", "/proc/forbidden/dir"], "argument --out: cannot write to '/proc/forbidden/dir'"),
   ],
