@@ -66,6 +66,57 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+def _progress_bar(show: bool, steps: int, n_models: int) -> tuple[Any, Any]:
+  """A tqdm bar on stderr (or none) and the ``progress(done, total)`` callback that moves it."""
+  bar = None
+  if show:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc=f"training {n_models} models", unit="step", file=sys.stderr)
+
+  def progress(done: int, total: int) -> None:
+    # Several devices may report the same step: move the bar only forward.
+    if bar is not None and done > bar.n:
+      bar.update(done - bar.n)
+
+  return bar, progress
+
+
+def _sweep_mlp(
+  lambdas: Sequence[float], data: Any, *, steps: int, hidden: int, seed: int, progress: Any
+) -> Any:
+  """One 64-``hidden``-10 MLP per λ and seed, trained with Adam in one `jaxl2.sweep`."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from jaxl2._sweep import sweep
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+      return nn.Dense(10)(nn.relu(nn.Dense(hidden)(x)))
+
+  model = MLP()
+
+  def xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  return sweep(
+    lambda key: model.init(key, jnp.ones((1, data.x_train.shape[1])))["params"],
+    lambda p, x: model.apply({"params": p}, x),
+    xent,
+    optax.adam(1e-2),
+    (data.x_train, data.y_train),
+    (data.x_val, data.y_val),
+    lams=list(lambdas),
+    steps=steps,
+    seeds=tuple(range(seed, seed + N_INIT_SEEDS)),
+    progress=progress,
+  )
+
+
 def run_demo(
   *,
   lambdas: Sequence[float] = DEFAULT_LAMBDAS,
@@ -85,50 +136,13 @@ def run_demo(
   Returns:
     The content of ``demo.json``.
   """
-  import flax.linen as nn
   import jax
-  import jax.numpy as jnp
-  import optax
 
   from jaxl2._datasets import load_digits
-  from jaxl2._sweep import sweep
 
   data = load_digits(train_size=train_size, seed=seed)
-
-  class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-      return nn.Dense(10)(nn.relu(nn.Dense(hidden)(x)))
-
-  model = MLP()
-
-  def xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-  bar = None
-  if show_progress:
-    from tqdm.auto import tqdm
-
-    n_models = len(lambdas) * N_INIT_SEEDS
-    bar = tqdm(total=steps, desc=f"training {n_models} models", unit="step", file=sys.stderr)
-
-  def progress(done: int, total: int) -> None:
-    # Several devices may report the same step: move the bar only forward.
-    if bar is not None and done > bar.n:
-      bar.update(done - bar.n)
-
-  result = sweep(
-    lambda key: model.init(key, jnp.ones((1, data.x_train.shape[1])))["params"],
-    lambda p, x: model.apply({"params": p}, x),
-    xent,
-    optax.adam(1e-2),
-    (data.x_train, data.y_train),
-    (data.x_val, data.y_val),
-    lams=list(lambdas),
-    steps=steps,
-    seeds=tuple(range(seed, seed + N_INIT_SEEDS)),
-    progress=progress,
-  )
+  bar, progress = _progress_bar(show_progress, steps, len(lambdas) * N_INIT_SEEDS)
+  result = _sweep_mlp(lambdas, data, steps=steps, hidden=hidden, seed=seed, progress=progress)
   if bar is not None:
     bar.close()
   report = {

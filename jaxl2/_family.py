@@ -27,6 +27,7 @@ from jaxl2._reduce import abs_values, squares, weighted_sum
 from jaxl2._setup import Setup, grad_tree, l2_from_sq_norm, selected_sum, setup
 
 __all__ = [
+  "anchor_values",
   "elastic_net_penalty",
   "elastic_net_penalty_grad",
   "l1_penalty",
