@@ -19,6 +19,7 @@ from jax.experimental import checkify
 
 __all__ = [
   "check_callable",
+  "check_count",
   "check_lam",
   "check_m",
   "check_optimizer",
@@ -97,10 +98,17 @@ def check_m(m: Any, name: str = "m") -> None:
     )
 
 
-def check_callable(fn: Any, name: str) -> None:
-  """Checks that ``fn`` (the argument called ``name``) is callable."""
+def check_callable(fn: Any, name: str, *, usage: str = "") -> None:
+  """Checks that ``fn`` (the argument called ``name``) is callable.
+
+  ``usage`` shows how it is called (e.g. ``"loss_fn(params, lam)"``) in the message.
+  """
   if not callable(fn):
-    raise TypeError(f"`{name}` must be callable; got {fn!r:.80} ({type(fn).__name__}).")
+    called = f" as `{usage}`" if usage else ""
+    raise TypeError(
+      f"`{name}` must be callable{called}; got {fn!r:.80} ({type(fn).__name__}). "
+      "Pass the function, not its value."
+    )
 
 
 def check_optimizer(tx: Any, name: str = "optimizer") -> None:
@@ -111,3 +119,13 @@ def check_optimizer(tx: Any, name: str = "optimizer") -> None:
       f"{tx!r:.80} ({type(tx).__name__}). Pass the transformation, e.g. `optax.sgd(0.1)`, "
       "not its state or its updates."
     )
+
+
+def check_count(value: Any, name: str, *, least: int = 1, why: str = "") -> None:
+  """Checks that ``value`` (the argument called ``name``) is an integer >= ``least``.
+
+  ``why`` is appended to the rule, e.g. ``" (a standard error needs two)"``.
+  """
+  integer = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+  if not integer or value < least:
+    raise ValueError(f"`{name}` must be an integer >= {least}{why}; got {value!r}.")

@@ -13,7 +13,7 @@ from jaxl2._checks import check_lam, check_m
 from jaxl2._dtypes import is_inexact
 from jaxl2._masks import MaskSpec, resolve
 from jaxl2._setup import l2_from_sq_norm
-from jaxl2._table import html_table, text_table
+from jaxl2._table import html_table, shape_cell, text_table
 
 __all__ = ["Description", "LeafRow", "describe"]
 
@@ -92,7 +92,7 @@ class Description:
     body = [
       (
         row.path + (f" [{row.variable}]" if row.variable and row.variable != "Param" else ""),
-        "x".join(map(str, row.shape)) if row.shape else "()",
+        shape_cell(row.shape),
         row.dtype,
         f"{row.size:,}",
         "yes" if row.selected else "no",

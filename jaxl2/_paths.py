@@ -95,7 +95,7 @@ class _Walk:
     self.variable_cls = _loaded("flax.nnx", "Variable")
     self.state_cls = _loaded("flax.nnx", "State")
     self.eqx_module = _loaded("equinox", "Module")
-    self.seen: dict[int, str] = {}
+    self.seen: dict[int, tuple[Any, ...]] = {}  # a Variable's id -> its first key path
     self.leaves: list[Leaf] = []
 
   def _container(self, node: Any) -> bool:
@@ -113,7 +113,8 @@ class _Walk:
     context = dict(context)
     if self.variable_cls is not None and isinstance(node, self.variable_cls):
       context["variable"] = type(node)
-      context["first"] = self.seen.setdefault(id(node), path_str(keys))
+      context["variable_keys"] = keys
+      context["first_keys"] = self.seen.setdefault(id(node), keys)
     elif not self._container(node):
       context["owner"] = type(node).__name__
       if self.eqx_module is not None and isinstance(node, self.eqx_module):
@@ -122,15 +123,23 @@ class _Walk:
       self.visit(child, (*keys, *key_path), context)
 
   def _emit(self, value: Any, keys: tuple[Any, ...], context: dict[str, Any]) -> None:
-    path = path_str(keys)
-    first = context.get("first")
+    shared_with = None
+    if "variable_keys" in context:
+      # Inside a Variable: name the leaf by the Variable's path and the leaf's place
+      # in its value (a Variable may hold a pytree), without the `.value` between.
+      inner = keys[len(context["variable_keys"]) :]
+      if inner and isinstance(inner[0], jax.tree_util.GetAttrKey) and inner[0].name == "value":
+        inner = inner[1:]
+      keys = (*context["variable_keys"], *inner)
+      if context["first_keys"] != context["variable_keys"]:
+        shared_with = path_str((*context["first_keys"], *inner))
     self.leaves.append(
       Leaf(
-        path=path,
+        path=path_str(keys),
         value=value,
         variable=context.get("variable"),
         owner=context.get("owner"),
-        shared_with=first if first is not None and first != path else None,
+        shared_with=shared_with,
         not_array=bool(context.get("equinox")) and not isinstance(value, _ARRAYS),
       )
     )

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 
-from jaxl2._checks import check_lam, check_m
+from jaxl2._checks import check_callable, check_lam, check_m
 from jaxl2._dtypes import accumulation_dtype, conj_upcast
 from jaxl2._masks import MaskSpec, resolve
 from jaxl2._reduce import squares
@@ -141,12 +141,7 @@ def regularized(
     >>> float(loss(params, jnp.zeros((5, 3)), jnp.zeros((5, 1))))  # 0.1/200 * 3
     0.0015000000...
   """
-  if not callable(loss_fn):
-    raise TypeError(
-      f"`loss_fn` must be callable, as in `regularized(loss_fn, lam, m)`; got "
-      f"{loss_fn!r} ({type(loss_fn).__name__}). Did you pass the loss value instead of "
-      "the function?"
-    )
+  check_callable(loss_fn, "loss_fn", usage="loss_fn(params, *args)")
   check_lam(lam)
   check_m(m)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from collections.abc import Collection, Sequence
 
-__all__ = ["html_table", "text_table"]
+__all__ = ["html_table", "shape_cell", "text_table"]
 
 
 def text_table(
@@ -60,3 +60,13 @@ def html_table(
   )
   bottom = f"<p>{'<br>'.join(html.escape(f) for f in footer)}</p>" if footer else ""
   return f"{top}<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{bottom}"
+
+
+def shape_cell(shape: tuple[int, ...]) -> str:
+  """An array shape as a table cell: ``64x10``, or ``()`` for a scalar.
+
+  Example:
+    >>> shape_cell((64, 10)), shape_cell(())
+    ('64x10', '()')
+  """
+  return "x".join(map(str, shape)) if shape else "()"

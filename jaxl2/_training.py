@@ -3,224 +3,102 @@
 λ is part of the state (data, not a compile-time constant), so a new λ needs
 no recompilation and `jaxl2.sweep` can `jax.vmap` the same step over many λ.
 
-Sharded training is JAX's own SPMD: place the params (and batch) on a
-`jax.sharding.Mesh` and the step follows them. `TrainStep` only makes sure the
-placement survives: ``init`` keeps (or applies) the params' shardings and
-replicates the state's scalars over their mesh, and each compiled step returns
-every state leaf with the sharding it came in with, so the donated buffers are
-reused and the step compiles once.
+The step is a set of functions closed over the options given to
+`make_train_step` (optax style), validated there once: ``init`` builds the
+immutable `TrainState`, the compiled step maps a state to the next one. The
+step is jitted once, with the state donated; where the state lives is decided
+by ``init`` (see `jaxl2._placement`) and followed by `jax.jit`, so a call is a
+plain call of the jitted function.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
-from jax.sharding import PartitionSpec as P
 
 from jaxl2._checks import check_callable, check_lam, check_m, check_optimizer
 from jaxl2._dtypes import accumulation_dtype
 from jaxl2._masks import MaskSpec, resolve
+from jaxl2._metrics import Metrics, accuracy, output_metrics
 from jaxl2._models import split_model
-from jaxl2._paths import path_str
-from jaxl2._penalties import weight_sq_norm
-from jaxl2._setup import l2_from_sq_norm
+from jaxl2._placement import ShardingSpec, check_sharding_spec, place, place_like, settle
+from jaxl2._train_state import (
+  BoundLoss,
+  StepFn,
+  TrainState,
+  as_lam,
+  eval_fn,
+  simple_loss,
+  step_fn,
+)
 
-__all__ = ["TrainState", "TrainStep", "accuracy", "make_eval_step", "make_train_step"]
+__all__ = ["TrainState", "TrainStep", "make_eval_step", "make_train_step"]
 
 ApplyFn = Callable[[Any, Any], Any]
 LossFn = Callable[[Any, Any], jax.Array]
-Batch = tuple[Any, Any]
-# A `jax.sharding.Sharding`, or a pytree of them that is a prefix of the tree it places.
-ShardingSpec = Any
 
 
-class TrainState(NamedTuple):
-  """Everything a training step carries; a pytree, so it checkpoints as is.
-
-  Attributes:
-    params: the model parameters (for an NNX module, its ``nnx.Param`` state;
-      for an Equinox module, its floating arrays).
-    opt_state: the optax optimizer state.
-    step: number of steps taken (int32).
-    lam: λ, a 0-d array in the penalty's accumulation dtype (float32, or
-      float64 for float64 params with 64-bit enabled). Change it with
-      `TrainStep.set_lam`.
-    model_state: what the model carries and updates besides its params
-      (linen ``batch_stats``, Haiku state, an NNX module's BatchStat and RNG
-      Variables, an ``eqx.nn.State``); ``None`` in the simple form.
-    key: the PRNG key the step's dropout keys derive from,
-      ``fold_in(key, step)`` (general form; ``None`` in the simple form).
-  """
-
-  params: Any
-  opt_state: Any
-  step: jax.Array
-  lam: jax.Array
-  model_state: Any = None
-  key: Any = None
-
-
-def _as_lam(lam: Any, dtype: Any) -> jax.Array:
-  check_lam(lam)
-  # A fresh buffer each time: the state is donated, and a shared λ array would
-  # be deleted by the first step that consumed it.
-  return jnp.array(lam, dtype, copy=True)
-
-
-def _check_sharding_spec(spec: ShardingSpec, name: str, what: str) -> None:
-  """``spec`` is None, a `Sharding`, or a non-empty pytree of them."""
-  if spec is None:
-    return
-  leaves = jax.tree_util.tree_leaves(spec)
-  bad = [x for x in leaves if not isinstance(x, Sharding)]
-  if not leaves or bad:
-    got = repr(bad[0]) if bad else f"{spec!r}, which holds no sharding"
-    raise TypeError(
-      f"`{name}` must be a jax.sharding.Sharding, or a pytree of them that is a prefix of the "
-      f"{what}; got {got}. Wrap a PartitionSpec with its mesh: "
-      "`NamedSharding(mesh, P('data'))`."
-    )
-
-
-def _broadcast(spec: ShardingSpec, tree: Any, name: str, what: str) -> list[Sharding]:
-  """One sharding per leaf of ``tree`` from the prefix pytree ``spec``."""
-  try:
-    full = jax.tree_util.tree_map(
-      lambda s, sub: jax.tree_util.tree_map(lambda _: s, sub), spec, tree
-    )
-  except ValueError as err:
-    raise ValueError(
-      f"`{name}` must be a Sharding or a pytree prefix of the {what}; its structure "
-      f"{jax.tree_util.tree_structure(spec)} does not match that of the {what}, "
-      f"{jax.tree_util.tree_structure(tree)}."
-    ) from err
-  return jax.tree_util.tree_leaves(full)
-
-
-def _place(tree: Any, spec: ShardingSpec, name: str, what: str, *, copy: bool) -> Any:
-  """``tree`` put onto the shardings in ``spec``, naming the leaf that does not fit.
-
-  ``copy=True`` copies even a leaf that is already there (``init``: the state
-  is donated, the caller's arrays must stay valid).
-  """
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  out = []
-  for (key_path, leaf), sharding in zip(with_path, _broadcast(spec, tree, name, what), strict=True):
-    try:
-      # `may_alias=False` alone still let a replicated placement reuse the caller's buffer
-      # for one of its shards (seen on 8 CPU devices), and donation then deleted it.
-      source = jnp.array(leaf, copy=True) if copy and isinstance(leaf, jax.Array) else leaf
-      out.append(jax.device_put(source, sharding, may_alias=False if copy else None))
-    except ValueError as err:
-      raise ValueError(
-        f"`{name}` does not fit the {what} leaf at '{path_str(key_path)}' of shape "
-        f"{tuple(getattr(leaf, 'shape', ()))}: the spec may name at most as many dimensions "
-        f"as the leaf has, and each sharded dimension must be a multiple of the number of "
-        f"devices along its mesh axes; got {sharding}. JAX says: {err}"
-      ) from err
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _mesh_of(tree: Any) -> Mesh | None:
-  """The mesh of the first leaf of ``tree`` that is spread over several devices."""
-  for leaf in jax.tree_util.tree_leaves(tree):
-    sharding = getattr(leaf, "sharding", None)
-    if isinstance(sharding, NamedSharding) and len(sharding.device_set) > 1:
-      return sharding.mesh
-  return None
-
-
-def _replicate_over(tree: Any, mesh: Mesh) -> Any:
-  """Array leaves not already on ``mesh``'s devices (step, λ, optimizer counters) replicated there.
-
-  Left on one device, they would come back from the first step replicated,
-  and the second step would compile again for the new input shardings.
-  """
-  replicated = NamedSharding(mesh, P())
-  devices = set(mesh.devices.flat)
-
-  def put(x: Any) -> Any:
-    if isinstance(x, jax.Array) and x.sharding.device_set != devices:
-      # Through the host: with several processes a global sharding is filled
-      # from a NumPy value that every process holds, not from a local array.
-      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # a PRNG key: its raw bits
-        data = jax.device_put(np.asarray(jax.random.key_data(x)), replicated)
-        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-      return jax.device_put(np.asarray(x), replicated)
-    return x
-
-  return jax.tree_util.tree_map(put, tree)
-
-
-def _layout(state: Any) -> tuple[Any, tuple[Sharding | None, ...]] | None:
-  """The state's treedef and per-leaf shardings, or None when it lives on one device.
-
-  Single-device leaves map to None (XLA places their outputs); so do leaves
-  that are not `jax.Array`s. Runs on every step: cheap checks first.
-  """
-  leaves, treedef = jax.tree_util.tree_flatten(state)
-  shardings = [x.sharding if isinstance(x, jax.Array) else None for x in leaves]
-  spread = [
-    s
-    if s is not None and not isinstance(s, SingleDeviceSharding) and len(s.device_set) > 1
-    else None
-    for s in shardings
-  ]
-  return (treedef, tuple(spread)) if any(s is not None for s in spread) else None
-
-
+@dataclasses.dataclass(frozen=True, eq=False)
 class TrainStep:
   """A compiled L2-regularized training step; build it with `jaxl2.make_train_step`.
 
-  ``train.init(params)`` makes the state; ``train(state, batch)`` takes one
-  step; ``train.step_fn`` is the same step uncompiled, to compose with
-  `jax.vmap`, `jax.lax.scan` or your own `jax.jit`.
+  Functions closed over the options it was built with, which it also holds
+  (``apply_fn``, ``loss_fn``, ``optimizer``, ``lam``, ``m``, ``mask``,
+  ``param_sharding``, ``batch_sharding``): ``train.init(params)`` makes the
+  state; ``train(state, batch)`` takes one compiled step;
+  ``train.set_lam(state, lam)`` changes λ; ``train.step_fn`` is the same step
+  uncompiled, to compose with `jax.vmap`, `jax.lax.scan` or your own
+  `jax.jit`; ``train.eval_fn`` evaluates, uncompiled (general form;
+  `jaxl2.make_eval_step` compiles it).
   """
 
-  def __init__(
-    self,
-    apply_fn: ApplyFn,
-    loss_fn: LossFn,
-    optimizer: optax.GradientTransformation,
-    *,
-    lam: Any,
-    m: Any,
-    mask: MaskSpec,
-    param_sharding: ShardingSpec = None,
-    batch_sharding: ShardingSpec = None,
-  ) -> None:
-    if apply_fn is not None:
-      check_callable(apply_fn, "apply_fn")
-    check_callable(loss_fn, "loss_fn")
-    check_optimizer(optimizer)
-    self.apply_fn, self.loss_fn, self.optimizer = apply_fn, loss_fn, optimizer
-    # The general form's loss, set by `init` once it has seen the model (an
-    # NNX module's graph, an Equinox module's static fields).
-    self._model_loss: Any = None
-    check_lam(lam)
-    check_m(m)
-    self.lam = float(lam)
-    self.m, self.mask = m, mask
-    _check_sharding_spec(param_sharding, "param_sharding", "params")
-    _check_sharding_spec(batch_sharding, "batch_sharding", "batch")
-    self.param_sharding, self.batch_sharding = param_sharding, batch_sharding
-    # Donating the state lets XLA update params and optimizer state in place.
-    self._compiled = jax.jit(self.step_fn, donate_argnums=0)
-    # One program per layout of a sharded state, with its shardings as the
-    # output shardings: left to XLA's propagation an output can come back in
-    # another layout (or another spelling of the same one) than it came in,
-    # and the next step would compile again and could not reuse the buffers.
-    self._sharded: dict[Any, Callable[..., Any]] = {}
+  init: Callable[..., TrainState] = dataclasses.field(repr=False)
+  set_lam: Callable[[TrainState, Any], TrainState] = dataclasses.field(repr=False)
+  step_fn: StepFn = dataclasses.field(repr=False)
+  eval_fn: Callable[[TrainState, Any], Metrics] = dataclasses.field(repr=False)
+  _compiled: StepFn = dataclasses.field(repr=False)
+  apply_fn: ApplyFn | None
+  loss_fn: Callable[..., Any]
+  optimizer: optax.GradientTransformation
+  lam: float
+  m: Any
+  mask: MaskSpec = None
+  param_sharding: ShardingSpec = None
+  batch_sharding: ShardingSpec = None
 
-  def init(
-    self, params: Any, model_state: Any = None, *, lam: Any = None, seed: int = 0
-  ) -> TrainState:
+  def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+    """One compiled step. ``state`` is donated: use the returned state afterwards.
+
+    The returned state keeps the layout of ``state``; for a state made by
+    ``init``, the very same shardings, leaf for leaf. With ``batch_sharding``
+    the batch is first placed there by `jax.device_put` (a no-op for a batch
+    already there; a host batch is split across the devices, not copied
+    whole to each).
+
+    Raises:
+      ValueError: ``batch_sharding`` does not fit the batch.
+    """
+    return self._compiled(state, batch)
+
+
+def _init_fn(
+  model: BoundLoss,
+  general_loss: Callable[..., Any] | None,
+  optimizer: optax.GradientTransformation,
+  *,
+  lam: float,
+  mask: MaskSpec,
+  param_sharding: ShardingSpec,
+) -> Callable[..., TrainState]:
+  """``init`` for the given form; ``general_loss`` is the general form's ``loss_fn``."""
+  default_lam = lam
+
+  def init(params: Any, model_state: Any = None, *, lam: Any = None, seed: int = 0) -> TrainState:
     """The initial state: ``params``, a fresh optimizer state, step 0 and λ.
 
     Args:
@@ -246,129 +124,54 @@ class TrainStep:
         the params' structure or does not divide a leaf's shape.
     """
     key = None
-    if self.apply_fn is None:
-      split = split_model(self.loss_fn, params, model_state)
-      self._model_loss = split.loss
-      params, model_state = split.params, split.model_state
-      key = jax.random.key(seed)
-      model_state = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), model_state)
+    if general_loss is not None:
+      split = split_model(general_loss, params, model_state)
+      model.loss = split.loss
+      params, model_state, key = split.params, split.model_state, jax.random.key(seed)
     elif model_state is not None:
       raise ValueError(
         "`model_state` is for the general form (`make_train_step(None, loss_fn, ...)`); the "
         "simple form `apply_fn(params, inputs)` has no model state."
       )
-    selection = resolve(params, self.mask)
-    if self.param_sharding is not None:
-      params = _place(params, self.param_sharding, "param_sharding", "params", copy=True)
+    selection = resolve(params, mask)
+    if param_sharding is None:
+      params = jax.tree_util.tree_map(jnp.asarray, params)
     else:
-      # Copied because the state is donated: the caller's arrays stay valid.
-      params = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)
+      params = place(params, param_sharding, "param_sharding", "params")
+    acc = accumulation_dtype(leaf.value for leaf, _ in selection.selected)
+    lam = as_lam(default_lam if lam is None else lam, acc)
     state = TrainState(
-      params=params,
-      opt_state=self.optimizer.init(params),
-      step=jnp.zeros([], jnp.int32),
-      lam=_as_lam(
-        self.lam if lam is None else lam,
-        accumulation_dtype(leaf.value for leaf, _ in selection.selected),
-      ),
-      model_state=model_state,
-      key=key,
+      params, optimizer.init(params), jnp.zeros([], jnp.int32), lam, model_state, key
     )
-    mesh = _mesh_of(params)
-    return state if mesh is None else _replicate_over(state, mesh)
+    return settle(state, params)  # a copy: steps donate the state's buffers, never the caller's
 
-  def set_lam(self, state: TrainState, lam: Any) -> TrainState:
-    """``state`` with a new λ (checked); the next step reuses the compiled program.
+  return init
 
-    The new λ is placed like the old one (replicated over a sharded state's mesh).
-    """
-    new = _as_lam(lam, state.lam.dtype)
-    old = getattr(state.lam, "sharding", None)
-    if old is not None and len(old.device_set) > 1:
-      new = jax.device_put(np.asarray(new), old)  # as `init` placed it (see _replicate_over)
-    return state._replace(lam=new)
 
-  def objective(self, params: Any, lam: Any, batch: Batch) -> tuple[jax.Array, dict[str, Any]]:
-    """data loss + (λ/2m)·Σ c·‖W‖² at ``params``, and its parts as metrics."""
-    inputs, targets = batch
-    data_loss = self.loss_fn(self.apply_fn(params, inputs), targets)
-    sq_norm = weight_sq_norm(params, mask=self.mask)
-    penalty = l2_from_sq_norm(sq_norm, lam, self.m)
-    loss = data_loss + penalty
-    return loss, {
-      "loss": loss,
-      "data_loss": data_loss,
-      "penalty": penalty,
-      "weight_sq_norm": sq_norm,
-    }
+def _set_lam(state: TrainState, lam: Any) -> TrainState:
+  """``state`` with a new λ (checked); the next step reuses the compiled program.
 
-  def model_objective(
-    self, params: Any, lam: Any, model_state: Any, key: Any, batch: Any
-  ) -> tuple[jax.Array, tuple[dict[str, Any], Any]]:
-    """General form: data loss + (λ/2m)·Σ c·‖W‖², metrics (aux included), the new model state."""
-    if self._model_loss is None:
-      raise ValueError("call `train.init(model, ...)` before the first step: it splits the model.")
-    data_loss, (new_model_state, aux) = self._model_loss(params, model_state, batch, key)
-    sq_norm = weight_sq_norm(params, mask=self.mask)
-    penalty = l2_from_sq_norm(sq_norm, lam, self.m)
-    loss = data_loss + penalty
-    metrics = {"loss": loss, "data_loss": data_loss, "penalty": penalty, "weight_sq_norm": sq_norm}
-    return loss, ({**aux, **metrics}, new_model_state)
+  The new λ is placed like the old one (replicated over a sharded state's mesh).
+  """
+  return state._replace(lam=place_like(as_lam(lam, state.lam.dtype), state.lam))
 
-  def step_fn(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
-    """One step, uncompiled. Metrics are evaluated at the incoming params."""
-    model_state = state.model_state
-    if self.apply_fn is None:
-      key = jax.random.fold_in(state.key, state.step)
-      grads, (metrics, model_state) = jax.grad(self.model_objective, has_aux=True)(
-        state.params, state.lam, state.model_state, key, batch
-      )
-    else:
-      grads, metrics = jax.grad(self.objective, has_aux=True)(state.params, state.lam, batch)
-    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = TrainState(
-      params, opt_state, optax.safe_increment(state.step), state.lam, model_state, state.key
-    )
-    return new_state, metrics
 
-  def eval_fn(self, state: TrainState, batch: Any) -> dict[str, jax.Array]:
-    """General form, uncompiled: the data loss and aux metrics in eval mode (key None).
+def _compiled(step: StepFn, batch_sharding: ShardingSpec) -> StepFn:
+  """``step`` jitted once, donating the state; the batch placed first with ``batch_sharding``."""
+  # Donating the state lets XLA update params and optimizer state in place.
+  jitted = jax.jit(step, donate_argnums=0)
+  if batch_sharding is None:
+    return jitted
 
-    The model state is used (running statistics), not updated; no penalty.
-    """
-    data_loss, (_, aux) = self._model_loss(state.params, state.model_state, batch, None)
-    return {**aux, "loss": data_loss}
+  def call(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+    return jitted(state, place(batch, batch_sharding, "batch_sharding", "batch"))
 
-  def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
-    """One compiled step. ``state`` is donated: use the returned state afterwards.
-
-    The returned state has the shardings of ``state``, leaf for leaf. With
-    ``batch_sharding`` the batch is first placed there by `jax.device_put`
-    (a no-op for a batch already there; a host batch is split across the
-    devices, not copied whole to each).
-
-    Raises:
-      ValueError: ``batch_sharding`` does not fit the batch.
-    """
-    if self.batch_sharding is not None:
-      batch = _place(batch, self.batch_sharding, "batch_sharding", "batch", copy=False)
-    layout = _layout(state)
-    if layout is None:
-      return self._compiled(state, batch)
-    compiled = self._sharded.get(layout)
-    if compiled is None:
-      treedef, shardings = layout
-      # None leaves of out_shardings are left to XLA (the metrics, single-device leaves).
-      out = (jax.tree_util.tree_unflatten(treedef, shardings), None)
-      compiled = jax.jit(self.step_fn, donate_argnums=0, out_shardings=out)
-      self._sharded[layout] = compiled
-    return compiled(state, batch)
+  return call
 
 
 def make_train_step(
-  apply_fn: ApplyFn,
-  loss_fn: LossFn,
+  apply_fn: ApplyFn | None,
+  loss_fn: Callable[..., Any],
   optimizer: optax.GradientTransformation,
   *,
   lam: Any,
@@ -422,8 +225,8 @@ def make_train_step(
 
   Sharded training: ``init`` copies the params shard for shard, the optimizer
   state follows them, and the scalars (step, λ, counters) are replicated over
-  their mesh; every step returns each state leaf with the sharding it came in
-  with (so donation reuses the buffers). The penalty adds only all-reduces
+  their mesh; every step returns each state leaf with the sharding ``init``
+  gave it (so donation reuses the buffers and nothing recompiles). The penalty adds only all-reduces
   of scalars (each shard's partial sum of squares); its gradient (λ/m)·W is
   elementwise and local to each shard. Meshes with Explicit axes (the
   default of `jax.make_mesh`) need ``with jax.set_mesh(mesh):`` around the
@@ -461,11 +264,35 @@ def make_train_step(
     >>> float(metrics["penalty"])  # 1/16 · 2
     0.125
   """
-  return TrainStep(
-    apply_fn,
-    loss_fn,
+  if apply_fn is not None:
+    check_callable(apply_fn, "apply_fn")
+  check_callable(loss_fn, "loss_fn")
+  check_optimizer(optimizer)
+  check_lam(lam)
+  check_m(m)
+  check_sharding_spec(param_sharding, "param_sharding", "params")
+  check_sharding_spec(batch_sharding, "batch_sharding", "batch")
+  general = apply_fn is None
+  model = BoundLoss(None if general else simple_loss(apply_fn, loss_fn))
+  step = step_fn(model, optimizer, m, mask)
+  init = _init_fn(
+    model,
+    loss_fn if general else None,
     optimizer,
-    lam=lam,
+    lam=float(lam),
+    mask=mask,
+    param_sharding=param_sharding,
+  )
+  return TrainStep(
+    init=init,
+    set_lam=_set_lam,
+    step_fn=step,
+    eval_fn=eval_fn(model),
+    _compiled=_compiled(step, batch_sharding),
+    apply_fn=apply_fn,
+    loss_fn=loss_fn,
+    optimizer=optimizer,
+    lam=float(lam),
     m=m,
     mask=mask,
     param_sharding=param_sharding,
@@ -473,35 +300,9 @@ def make_train_step(
   )
 
 
-def accuracy(outputs: jax.Array, targets: jax.Array) -> jax.Array:
-  """Classification accuracy, decided from shapes (static, so safe under jit).
-
-  Multi-class ``outputs`` (..., K) with K > 1 are compared by argmax with
-  one-hot ``targets`` of the same shape (..., K), or else with class labels
-  of shape (...) or (..., 1). A single logit (..., 1) or (...,) is
-  thresholded at 0 against 0/1 targets.
-
-  Example:
-    >>> import jax.numpy as jnp, jaxl2
-    >>> logits = jnp.array([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0]])
-    >>> jaxl2.accuracy(logits, jnp.array([[0], [1]])), jaxl2.accuracy(logits, jnp.eye(3)[:2])
-    (Array(1., dtype=float32), Array(1., dtype=float32))
-  """
-  if outputs.ndim and outputs.shape[-1] > 1:
-    predicted = jnp.argmax(outputs, axis=-1)
-    if targets.shape == outputs.shape:
-      labels = jnp.argmax(targets, axis=-1)
-    else:
-      labels = targets.reshape(predicted.shape)
-  else:
-    predicted = (outputs > 0).reshape(targets.shape)
-    labels = targets.astype(bool)
-  return jnp.mean((predicted == labels).astype(jnp.float32))
-
-
 def make_eval_step(
   apply_fn: ApplyFn | TrainStep, loss_fn: LossFn | None = None
-) -> Callable[[Any, Any], dict[str, jax.Array]]:
+) -> Callable[[Any, Any], Metrics]:
   """Builds a jit-compiled ``eval(params, (inputs, targets)) -> {"loss", "accuracy"}``.
 
   ``loss`` is the data loss alone (no penalty), so train and validation
@@ -528,11 +329,4 @@ def make_eval_step(
     return jax.jit(apply_fn.eval_fn)
   if loss_fn is None:
     raise TypeError("`make_eval_step(apply_fn, loss_fn)` needs `loss_fn`.")
-
-  @jax.jit
-  def evaluate(params: Any, batch: Batch) -> dict[str, jax.Array]:
-    inputs, targets = batch
-    outputs = apply_fn(params, inputs)
-    return {"loss": loss_fn(outputs, targets), "accuracy": accuracy(outputs, targets)}
-
-  return evaluate
+  return jax.jit(output_metrics(apply_fn, loss_fn, lambda o, y: {"accuracy": accuracy(o, y)}))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 
@@ -117,9 +118,6 @@ def randomize(tree: Any, seed: int = 0, scale: float = 1.0) -> Any:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-Builder = Callable[[], Any]
-
-
 # ---- training helpers (optimizer/training tests) -------------------------------
 
 
@@ -190,3 +188,19 @@ def low_precision_tree(dtype: Any, seed: int = 0) -> dict[str, jax.Array]:
     "w_a": jnp.asarray(rng.normal(size=(1000, 600)), dtype),
     "w_b": jnp.asarray(rng.normal(size=(500, 800)), dtype),
   }
+
+
+def optax_trajectory(tx, loss, params, steps):
+  """Params after each of ``steps`` jitted optax steps on ``loss`` (gradients by `jax.grad`)."""
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  trajectory = []
+  for _ in range(steps):
+    params, state = step(params, state)
+    trajectory.append(params)
+  return trajectory

@@ -402,8 +402,9 @@ def test_gradient_keeps_shardings_and_needs_no_communication(name, layout, mode)
       assert _same_layout(grads[k], shardings[k]), (k, grads[k].sharding, shardings[k])
   if name != "jax.grad(l2_penalty)":
     # jaxl2's analytic gradients put zeros on unselected leaves, in the leaf's layout.
-    # (jax.grad's zeros for leaves a function does not use are JAX's own: eager ones
-    # land on one device, as for any JAX function.) Auto axes under jit: the test below.
+    # (jax.grad's zeros there are JAX's own, as the penalty never reads those leaves:
+    # on Auto axes JAX returns them replicated, jit or eager; so they are not checked,
+    # as README "Scaling out" says.) Auto axes under jit: the test below.
     for k in UNSELECTED:
       assert _same_layout(eager[k], shardings[k]), (k, eager[k].sharding, shardings[k])
       if mode == "Explicit":
@@ -418,11 +419,11 @@ def test_gradient_keeps_shardings_and_needs_no_communication(name, layout, mode)
       np.testing.assert_allclose(helpers.as_f64(g), expected, rtol=rtol, atol=0)
 
 
-# jaxl2._penalties.grad_tree builds an unselected leaf's zero gradient with
-# jnp.zeros_like(value). Under jit, with Auto mesh axes, that constant has no layout
-# and XLA replicates it (P("model") -> P()). The fix belongs there:
-#   jnp.where(jnp.zeros_like(value, dtype=bool), value, jnp.zeros((), value.dtype))
-# keeps the layout and compiles to the same local broadcast of 0 (value is not read).
+# jaxl2's grad_tree (jaxl2/_setup.py) builds an unselected leaf's zero gradient as
+#   jnp.where(jnp.zeros_like(value, dtype=bool), value, jnp.zeros((), value.dtype)),
+# which keeps the leaf's layout and compiles to a local broadcast of 0 (value is not
+# read). A plain jnp.zeros_like(value) is a constant with no layout: under jit, with
+# Auto mesh axes, XLA replicates it (P("model") -> P()). This test guards against that.
 # All analytic gradients share grad_tree, so one of them stands for all.
 @pytest.mark.parametrize("name", ["l2_penalty_grad"])
 def test_unselected_zero_gradient_keeps_its_layout_under_jit_with_auto_axes(name):

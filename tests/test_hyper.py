@@ -104,6 +104,23 @@ def test_ridge_hypergradient_uses_the_mask_multiplier():
   assert hg.value == pytest.approx(c * slope, rel=1e-6)  # closed form, float64
 
 
+def test_numpy_float64_params_without_x64_are_solved_in_float32():
+  # 64-bit disabled: NumPy float64 leaves are computed in float32 as JAX computes them,
+  # with float32's default tol (float64's 1e-10 is out of a float32 solve's reach).
+  x, y, xv, yv = _ridge_data()
+  lam = 8.0
+  sol = _ridge_closed_form(x, y, lam)
+  train, val = _ridge_losses(*map(jnp.asarray, (x, y, xv, yv)))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no "float64 is not available" truncation, no solver warning
+    hg = jaxl2.lam_hypergradient(
+      train, val, {"b": np.float64(sol["b"]), "w": sol["w"]}, lam, len(y), mask=RIDGE_MASK
+    )
+  # Reference: the float64 closed form; float32 rounding of W* and the data bounds the error.
+  assert hg.value == pytest.approx(_ridge_val(x, y, xv, yv, lam)[1], rel=1e-3)
+  assert hg.residual <= 1e-4
+
+
 @pytest.mark.parametrize("intercept", [True, False])
 @pytest.mark.parametrize("lam", [0.1, 5.0, 300.0])
 def test_ridge_effective_params_is_the_classical_formula(lam, intercept):
@@ -243,9 +260,9 @@ def test_mlp_hutchinson_estimate_is_within_three_standard_errors_of_exact():
 # ---- tune_lam -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("off", [100.0, 0.01])
-def test_tune_lam_reaches_the_closed_form_minimizer_of_ridge(off):
-  x, y, xv, yv = _ridge_data(m=100, d=10, seed=3)
+def _tune_ridge(lam0_over_opt: float, **options: Any) -> tuple[Any, ...]:
+  """`tune_lam` on float64 ridge from ``lam0_over_opt``·λ_opt: data, λ_opt and the result."""
+  x, y, xv, yv = data = _ridge_data(m=100, d=10, seed=3)
   # λ_opt: the root of the closed form's dV/dλ, to machine precision.
   lam_opt = scipy.optimize.brentq(lambda t: _ridge_val(x, y, xv, yv, np.exp(t))[1], 0.0, 8.0)
   lam_opt = float(np.exp(lam_opt))
@@ -253,15 +270,48 @@ def test_tune_lam_reaches_the_closed_form_minimizer_of_ridge(off):
     # From λ_opt/100, 300 SGD steps do not reach W* at the smallest λ (tune_lam warns
     # once); the hypergradient's sign is still right there, and later steps are exact.
     warnings.simplefilter("ignore", RuntimeWarning)
-    train, val = _ridge_losses(*map(jnp.asarray, (x, y, xv, yv)))
+    train, val = _ridge_losses(*map(jnp.asarray, data))
     start = {"b": jnp.zeros(()), "w": jnp.zeros(x.shape[1])}
     result = jaxl2.tune_lam(
-      train, val, start, off * lam_opt, len(y), mask=RIDGE_MASK,
-      optimizer=optax.sgd(0.05), train_steps=300,
+      train, val, start, lam0_over_opt * lam_opt, len(y), mask=RIDGE_MASK,
+      optimizer=optax.sgd(0.05), train_steps=300, **options,
     )  # fmt: skip
+  return data, lam_opt, result
+
+
+def _assert_params_are_the_closed_form(data: tuple[Any, ...], lam: float, params: Any) -> None:
+  sol = _ridge_closed_form(data[0], data[1], lam)
+  # Reference: w*(λ), b*(λ) in float64 NumPy; 300 warm SGD steps reach them to ~1e-7.
+  np.testing.assert_allclose(np.asarray(params["w"]), sol["w"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(float(params["b"]), sol["b"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("off", [100.0, 0.01])
+def test_tune_lam_reaches_the_closed_form_minimizer_of_ridge(off):
+  data, lam_opt, result = _tune_ridge(off)
   assert result.converged
   assert abs(np.log(result.lam) - np.log(lam_opt)) <= 0.05  # the issue's tolerance
-  assert result.val_loss == pytest.approx(_ridge_val(x, y, xv, yv, result.lam)[0], rel=1e-6)
+  assert result.val_loss == pytest.approx(_ridge_val(*data, result.lam)[0], rel=1e-6)
+  _assert_params_are_the_closed_form(data, result.lam, result.params)
+  # Every step of the path records dV/dλ at its own λ: the closed form's, float64, where
+  # training had reached W* (stationarity; the first step from λ_opt/100 had not).
+  for step in result.path:
+    if step.stationarity < 1e-3:
+      assert step.hypergradient == pytest.approx(_ridge_val(*data, step.lam)[1], rel=1e-3)
+      assert step.val_loss == pytest.approx(_ridge_val(*data, step.lam)[0], rel=1e-5)
+
+
+def test_tune_lam_stopped_by_max_iter_returns_the_best_of_its_path():
+  # From λ_opt/100, the sixth λ overshoots the minimum: the fifth is the best of the path,
+  # and λ*, its validation loss and its params must be the fifth's, not the last's.
+  data, _, result = _tune_ridge(0.01, max_iter=6)
+  assert len(result.path) == 6 and not result.converged
+  closed_form = [_ridge_val(*data, step.lam)[0] for step in result.path]  # reference, float64
+  best = result.path[int(np.argmin(closed_form))]
+  assert best != result.path[-1]  # else this test does not test the choice
+  assert result.lam == best.lam
+  assert result.val_loss == pytest.approx(min(closed_form), rel=1e-6)
+  _assert_params_are_the_closed_form(data, result.lam, result.params)
 
 
 def test_tune_lam_on_digits_beats_a_sixteen_point_sweep():
@@ -289,7 +339,8 @@ def test_tune_lam_on_digits_beats_a_sixteen_point_sweep():
     )  # fmt: skip
   best = float(np.min(grid.val_loss))
   assert result.val_loss <= best  # reference: the best of the 16-point grid
-  assert result.lam == min(result.path, key=lambda s: s.val_loss).lam
+  # ... and that validation loss is the one of the params returned (the user's own function).
+  assert float(xent(apply(result.params, xv), yv)) == pytest.approx(result.val_loss, rel=1e-6)
 
 
 # ---- errors and warnings ------------------------------------------------------

@@ -372,6 +372,25 @@ def test_tied_nnx_weight_counts_once_in_penalty_and_gradient():
   np.testing.assert_array_equal(np.asarray(analytic.encoder.kernel[...]), 0.0)
 
 
+class _TiedPytreeParam(nnx.Module):
+  """A Param holding a dict of arrays, referenced twice."""
+
+  def __init__(self):
+    rng = np.random.default_rng(3)
+    self.first = nnx.Param({"x": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)})
+    self.second = self.first
+
+
+def test_tied_pytree_valued_param_counts_once_and_is_named_without_value():
+  model = _TiedPytreeParam()
+  reference = helpers.ref_l2([(model.first.get_value()["x"], 1.0)], LAM, M)  # once, not twice
+  penalty = jaxl2.l2_penalty(model, LAM, M, mask=jaxl2.all_floating)
+  np.testing.assert_allclose(float(penalty), reference, rtol=1e-6)
+  # One row, named by the Param's path (no `value/` between), its alias beside it.
+  (row,) = jaxl2.describe(model, mask=jaxl2.all_floating).rows
+  assert (row.path, row.selected, row.aliases) == ("first/x", True, ("second/x",))
+
+
 def test_tied_nnx_weight_is_decayed_once_per_step_by_nnx_optimizer():
   model = _Tied(nnx.Rngs(0))
   before = np.asarray(model.encoder.kernel[...], np.float64)

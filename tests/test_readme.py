@@ -1,21 +1,103 @@
-"""The README's Python blocks run as written, in order, in one namespace."""
+"""The README's Python blocks run as written, in order, in one namespace, and print
+what the README shows.
+
+A block's shown output is the first fenced block after it when that one is a
+```text block (prose may come between). Every block that prints must show its
+output, and a shown output must be what the block prints, line for line
+(trailing whitespace and blank lines at either end aside; numbers as printed).
+The scaling example, which asks for 8 simulated devices, runs here on one device
+and again alone in a fresh interpreter, where it gets 8: its output is that one.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import pathlib
 import re
+import subprocess
+import sys
+from typing import NamedTuple
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+# A block that sets this flag (the scaling example) prints what it prints on 8 devices.
+SIMULATED_DEVICES = "--xla_force_host_platform_device_count"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", flags=re.S | re.M)
 
 
-def test_readme_python_blocks_run(monkeypatch):
-  # The scaling example sets XLA_FLAGS; keep it out of later subprocesses.
-  monkeypatch.setenv("XLA_FLAGS", "")
-  blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
-  assert blocks, "the README has no python blocks to check"
+class Block(NamedTuple):
+  line: int  # of the opening fence, 1-based
+  code: str
+  printed: str  # stdout while it ran
+  shown: str | None  # the ```text block after it, if any
+
+
+def _normalized(text: str) -> str:
+  return "\n".join(line.rstrip() for line in text.strip("\n").splitlines()).strip("\n")
+
+
+def _run_alone(code: str) -> str:
+  """stdout of ``code`` in a fresh CPU-only interpreter (the device count is set at JAX's start)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def blocks() -> list[Block]:
+  text = README.read_text(encoding="utf-8")
+  fences = [(m[1], m[2], text.count("\n", 0, m.start()) + 1) for m in FENCE.finditer(text)]
   namespace: dict = {}
+  out = []
+  # The scaling example sets XLA_FLAGS; keep it out of later subprocesses.
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("XLA_FLAGS", "")
+    for k, (lang, code, line) in enumerate(fences):
+      if lang != "python":
+        continue
+      stdout = io.StringIO()
+      with contextlib.redirect_stdout(stdout):
+        exec(compile("\n" * line + code, str(README), "exec"), namespace)
+      printed = stdout.getvalue()
+      if SIMULATED_DEVICES in code:
+        # Here JAX has long started on one device; a reader runs it fresh, on 8.
+        printed = _run_alone(code)
+      after = fences[k + 1] if k + 1 < len(fences) else None
+      shown = after[1] if after is not None and after[0] == "text" else None
+      out.append(Block(line, code, printed, shown))
+  return out
+
+
+def test_readme_python_blocks_run(blocks):
+  assert len(blocks) >= 10, "the README's python blocks were not found"
+
+
+def test_readme_shows_what_each_block_prints(blocks):
   for block in blocks:
-    exec(compile(block, str(README), "exec"), namespace)
+    if block.shown is not None:
+      assert _normalized(block.printed) == _normalized(block.shown), (
+        f"README.md line {block.line}: the block prints\n{block.printed}\n"
+        f"but the ```text block after it shows\n{block.shown}"
+      )
+
+
+def test_every_readme_block_that_prints_shows_its_output(blocks):
+  # Fails while a block prints with no ```text block after it: the message gives
+  # the block to add (so the comparison above cannot pass by having nothing to compare).
+  missing = [
+    f"README.md line {b.line} ({b.code.strip().splitlines()[-1][:60]!r}): add after it\n"
+    f"```text\n{_normalized(b.printed)}\n```"
+    for b in blocks
+    if b.printed.strip() and b.shown is None
+  ]
+  assert not missing, "\n\n".join(missing)
 
 
 def test_readme_first_lines_are_the_two_commands():

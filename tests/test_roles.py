@@ -40,6 +40,11 @@ import jaxl2
     ("bn_init/scale", (8,), "norm scale", False),
     ("batch_normalization/gamma:0", (8,), "norm scale", False),
     ("layer_normalization/beta", (8,), "norm offset", False),
+    ("LayerNorm_0/mu", (8,), "norm parameter", False),
+    ("blocks/0/scale", (6, 8), "norm scale", False),  # scale/gamma/offset/beta: any module
+    ("head/gamma", (8,), "norm scale", False),
+    ("head/offset", (8,), "norm offset", False),
+    ("beta", (8,), "norm offset", False),
     # state
     ("batch_stats/bn_init/mean", (8,), "running statistic", False),
     ("res_net/~/batchnorm_0/~/var_ema/average", (1, 1, 1, 8), "running statistic", False),

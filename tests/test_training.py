@@ -21,18 +21,37 @@ from tests import helpers
 LAM, M = 0.4, 32.0
 
 
+def _kernels(params):
+  """The leaves the default mask penalizes in these MLPs (Dense kernels), by path."""
+  return [w for path, w in helpers.leaves_by_path(params).items() if path.endswith("kernel")]
+
+
 def _reference_steps(params, batch, apply_fn, loss_fn, tx, lam, steps):
-  """A hand-written regularized step: value_and_grad of loss + l2_penalty, then optax."""
+  """A hand-written regularized step: the penalty written out, value_and_grad, then optax."""
   x, y = batch
   opt_state = tx.init(params)
   out = []
   for _ in range(steps):
-    objective = lambda p: loss_fn(apply_fn(p, x), y) + jaxl2.l2_penalty(p, lam, M)  # noqa: E731
+
+    def objective(p):
+      return loss_fn(apply_fn(p, x), y) + lam / (2 * M) * sum(jnp.sum(w**2) for w in _kernels(p))
+
     loss, grads = jax.value_and_grad(objective)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    out.append((loss, params))
+    out.append(loss)
     params = optax.apply_updates(params, updates)
   return out, params
+
+
+def _mse_f64(params, batch):
+  """mean((MLP(x) − y)²) for `helpers.MLP` (Dense, relu, ..., Dense) in float64 NumPy."""
+  x, y = batch
+  layers = sorted(params, key=lambda name: int(name.rsplit("_", 1)[1]))  # Dense_0, Dense_1, ...
+  h = helpers.as_f64(x)
+  for i, name in enumerate(layers):
+    h = h @ helpers.as_f64(params[name]["kernel"]) + helpers.as_f64(params[name]["bias"])
+    h = np.maximum(h, 0.0) if i < len(layers) - 1 else h
+  return float(np.mean((h - helpers.as_f64(y)) ** 2))
 
 
 @pytest.mark.parametrize("tx", [optax.sgd(0.05), optax.adam(1e-2)], ids=["sgd", "adam"])
@@ -40,20 +59,21 @@ def test_train_step_matches_hand_written_step(tx):
   params, batch, apply_fn, mse, _ = helpers.mlp_problem()
   train = jaxl2.make_train_step(apply_fn, mse, tx, lam=LAM, m=M)
   state = train.init(params)
-  reference, final = _reference_steps(params, batch, apply_fn, mse, tx, LAM, steps=10)
-  for ref_loss, ref_params in reference:
-    # Metrics are taken at the incoming params: the penalty there is known exactly.
-    expected_penalty = float(jaxl2.l2_penalty(ref_params, LAM, M))
+  reference_losses, final = _reference_steps(params, batch, apply_fn, mse, tx, LAM, steps=10)
+  for ref_loss in reference_losses:
+    incoming = jax.device_get(state.params)  # metrics are taken here (the state is donated)
     state, metrics = train(state, batch)
-    # float32, 10 steps: the same ops in another fusion order, 1e-5 relative.
+    # Each metric against float64 NumPy at the incoming params; float32 forward pass
+    # and sums of squares: 1e-5 relative.
+    data_loss = _mse_f64(incoming, batch)
+    sq_norm = sum(helpers.ref_sq_norm(w) for w in _kernels(incoming))
+    penalty = helpers.ref_l2([(w, 1.0) for w in _kernels(incoming)], LAM, M)
+    np.testing.assert_allclose(float(metrics["data_loss"]), data_loss, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["weight_sq_norm"]), sq_norm, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["penalty"]), penalty, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), data_loss + penalty, rtol=1e-5)
+    # The hand-written float32 step: the same ops in another fusion order, 1e-5 relative.
     np.testing.assert_allclose(float(metrics["loss"]), float(ref_loss), rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["penalty"]), expected_penalty, rtol=1e-5)
-    np.testing.assert_allclose(
-      float(metrics["weight_sq_norm"]), float(jaxl2.weight_sq_norm(ref_params)), rtol=1e-5
-    )
-    np.testing.assert_allclose(
-      float(metrics["data_loss"]) + float(metrics["penalty"]), float(metrics["loss"]), rtol=1e-6
-    )
   helpers.assert_trees_close(state.params, final, rtol=1e-5, atol=1e-7)
   assert int(state.step) == 10
 
@@ -72,10 +92,11 @@ def test_no_retrace_over_100_steps_and_lam_is_data():
     state, metrics = train(state, batch)
   assert len(traces) == 1
   state = train.set_lam(state, 3.0)
+  incoming = jax.device_get(state.params)
   state, metrics = train(state, batch)
   assert len(traces) == 1  # a new λ reuses the compiled program
-  expected = 3.0 / (2 * M) * float(metrics["weight_sq_norm"])
-  np.testing.assert_allclose(float(metrics["penalty"]), expected, rtol=1e-6)
+  expected = helpers.ref_l2([(w, 1.0) for w in _kernels(incoming)], 3.0, M)  # float64 NumPy
+  np.testing.assert_allclose(float(metrics["penalty"]), expected, rtol=1e-5)
   with pytest.raises(ValueError, match="`lam` must be a finite number >= 0"):
     train.set_lam(state, -1.0)
 

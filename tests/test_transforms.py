@@ -18,19 +18,7 @@ LAM, M, LR, STEPS = 0.5, 64.0, 0.05, 100
 
 
 def _run(tx, loss, params, steps=STEPS):
-  """Params after each of ``steps`` optax steps on ``loss``."""
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state):
-    updates, state = tx.update(jax.grad(loss)(params), state, params)
-    return optax.apply_updates(params, updates), state
-
-  trajectory = []
-  for _ in range(steps):
-    params, state = step(params, state)
-    trajectory.append(params)
-  return trajectory
+  return helpers.optax_trajectory(tx, loss, params, steps)
 
 
 def test_sgd_penalty_equals_add_l2_grad_equals_add_decayed_weights():
@@ -168,13 +156,7 @@ def test_conversion_values(fn, args, expected):
   assert fn(*args) == expected
 
 
-def test_keras_l2_term_equals_the_penalty():
-  # Keras L2(l2) adds l2 · Σ w²; with l2 = to_keras_l2 that is exactly l2_penalty.
-  w = np.random.default_rng(0).normal(size=(5, 3))
-  keras_term = jaxl2.to_keras_l2(0.7, 40) * np.sum(w**2)
-  np.testing.assert_allclose(
-    float(jaxl2.l2_penalty({"w": jnp.asarray(w)}, 0.7, 40)), keras_term, rtol=1e-6
-  )
+# Keras and torch themselves, with these conversions: tests/test_peers.py.
 
 
 @pytest.mark.parametrize(

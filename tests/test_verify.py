@@ -371,11 +371,27 @@ def test_decayed_bias_and_missing_decay_in_updates():
   assert report.verdict.startswith("FAILED: no leaf is decayed: a mask that matches nothing?")
 
 
-def test_user_grads_and_sign_based_optimizers():
+def test_user_grads_are_the_ones_compared():
   params, _ = _mlp()
   grads = helpers.randomize(params, seed=3)
   tx = optax.chain(jaxl2.add_l2_grad(LAM, M), optax.sgd(LR))
   assert jaxl2.verify_update(tx, optax.sgd(LR), params, LAM, M, grads=grads).ok
+  # Under Adam, coupled L2's effect on the update scales as 1/|g| and a decoupled decay's
+  # does not, so the factor found for AdamW scales with the gradients given: ×100 for
+  # 100·grads. Reference: that ratio, to rtol 1e-2 (the decay itself, (λ/m)·|W| ≲ 5e-3·|g|
+  # here, is part of the gradient Adam normalizes).
+  adamw = optax.adamw(LR, weight_decay=jaxl2.to_weight_decay(LAM, M), mask=_mask(params))
+
+  def factors(g):
+    report = jaxl2.verify_update(adamw, optax.adam(LR), params, LAM, M, grads=g)
+    return np.array([row.factor for row in _kernels(report)])
+
+  scaled = jax.tree_util.tree_map(lambda g: 100 * g, grads)
+  np.testing.assert_allclose(factors(scaled) / factors(grads), 100.0, rtol=1e-2)
+
+
+def test_sign_based_optimizers_are_unverified():
+  params, _ = _mlp()
   # Lion uses only the sign of the gradient: a small decay changes nothing to compare.
   lion = optax.chain(jaxl2.add_l2_grad(LAM, M), optax.lion(LR))
   report = jaxl2.verify_update(lion, optax.lion(LR), params, LAM, M)

@@ -1,0 +1,127 @@
+"""The training state and the pure functions that advance and evaluate it.
+
+Both forms of `make_train_step` run through one step: the simple form
+``loss_fn(apply_fn(params, inputs), targets)`` is written in the general one,
+``loss(params, model_state, batch, key) -> (loss, (new_model_state, aux))``,
+with no model state, no key and no aux. The step calls the loss through a
+`BoundLoss`, which ``init`` fills in for the general form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxl2._checks import check_lam
+from jaxl2._masks import MaskSpec
+from jaxl2._metrics import Metrics, regularized_loss
+
+__all__ = ["BoundLoss", "StepFn", "TrainState", "as_lam", "eval_fn", "simple_loss", "step_fn"]
+
+ModelLoss = Callable[[Any, Any, Any, Any], tuple[jax.Array, tuple[Any, Metrics]]]
+
+
+class TrainState(NamedTuple):
+  """Everything a training step carries; a pytree, so it checkpoints as is.
+
+  Attributes:
+    params: the model parameters (for an NNX module, its ``nnx.Param`` state;
+      for an Equinox module, its floating arrays).
+    opt_state: the optax optimizer state.
+    step: number of steps taken (int32).
+    lam: λ, a 0-d array in the penalty's accumulation dtype (float32, or
+      float64 for float64 params with 64-bit enabled). Change it with
+      `TrainStep.set_lam`.
+    model_state: what the model carries and updates besides its params
+      (linen ``batch_stats``, Haiku state, an NNX module's BatchStat and RNG
+      Variables, an ``eqx.nn.State``); ``None`` in the simple form.
+    key: the PRNG key the step's dropout keys derive from,
+      ``fold_in(key, step)`` (general form; ``None`` in the simple form).
+  """
+
+  params: Any
+  opt_state: Any
+  step: jax.Array
+  lam: jax.Array
+  model_state: Any = None
+  key: Any = None
+
+
+StepFn = Callable[[TrainState, Any], tuple[TrainState, Metrics]]
+
+
+def as_lam(lam: Any, dtype: Any) -> jax.Array:
+  """λ checked, as the state holds it: a fresh 0-d array of ``dtype``."""
+  check_lam(lam)
+  # A fresh buffer each time: the state is donated, and a shared λ array would
+  # be deleted by the first step that consumed it.
+  return jnp.array(lam, dtype, copy=True)
+
+
+class BoundLoss:
+  """The model loss the step calls; the general form's is bound by ``init``.
+
+  ``init`` splits the model it is given (an NNX module's graph, an Equinox
+  module's static fields are not in the state), so the loss is known only
+  then. The jitted step reads it when it traces.
+  """
+
+  def __init__(self, loss: ModelLoss | None) -> None:
+    self.loss = loss
+
+  def __call__(self, params: Any, model_state: Any, batch: Any, key: Any) -> Any:
+    if self.loss is None:
+      raise ValueError("call `train.init(model, ...)` before the first step: it splits the model.")
+    return self.loss(params, model_state, batch, key)
+
+
+def simple_loss(apply_fn: Callable[[Any, Any], Any], loss_fn: Callable[..., Any]) -> ModelLoss:
+  """``loss_fn(apply_fn(params, inputs), targets)`` in the general form."""
+
+  def loss(params: Any, model_state: Any, batch: Any, key: Any) -> Any:
+    inputs, targets = batch
+    return loss_fn(apply_fn(params, inputs), targets), (model_state, {})
+
+  return loss
+
+
+def step_fn(model: ModelLoss, optimizer: Any, m: Any, mask: MaskSpec) -> StepFn:
+  """One step of ``optimizer`` on model loss + (λ/2m)·Σ c·‖W‖², uncompiled."""
+
+  def objective(params: Any, state: TrainState, batch: Any, key: Any) -> Any:
+    data_loss, (model_state, aux) = model(params, state.model_state, batch, key)
+    loss, metrics = regularized_loss(data_loss, params, state.lam, m, mask)
+    return loss, ({**aux, **metrics}, model_state)
+
+  def step(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:
+    """One step, uncompiled. Metrics are evaluated at the incoming params."""
+    key = None if state.key is None else jax.random.fold_in(state.key, state.step)
+    grads, (metrics, model_state) = jax.grad(objective, has_aux=True)(
+      state.params, state, batch, key
+    )
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(
+      params, opt_state, optax.safe_increment(state.step), state.lam, model_state, state.key
+    )
+    return new_state, metrics
+
+  return step
+
+
+def eval_fn(model: ModelLoss) -> Callable[[TrainState, Any], Metrics]:
+  """The data loss and aux metrics in eval mode (``key=None``), uncompiled."""
+
+  def evaluate(state: TrainState, batch: Any) -> Metrics:
+    """General form, uncompiled: the data loss and aux metrics in eval mode (key None).
+
+    The model state is used (running statistics), not updated; no penalty.
+    """
+    data_loss, (_, aux) = model(state.params, state.model_state, batch, None)
+    return {**aux, "loss": data_loss}
+
+  return evaluate
