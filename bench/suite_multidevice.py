@@ -106,17 +106,25 @@ def _compare(
   return {"case": name, "mesh": runs[next(iter(runs))][3], "rounds": rounds}, medians
 
 
-def _pair(
-  m: dict[str, dict[str, Any]], labels: dict[str, str], ratio: str, top: str, bottom: str
-) -> dict[str, Any]:
+def _pair(m: dict[str, dict[str, Any]], ratio: str, top: str, bottom: str) -> dict[str, Any]:
   """Both runs' compile times (CPU and wall) and reductions, and ``top``/``bottom`` ratios."""
   out: dict[str, Any] = {}
   for stat in ("compile_cpu_s", "compile_s", "reductions"):
-    for key, label in labels.items():
-      out[f"{label}_{stat}"] = m[key][stat]
+    for key in (top, bottom):
+      out[f"{key}_{stat}"] = m[key][stat]
   out[ratio] = m[top]["compile_cpu_s"] / m[bottom]["compile_cpu_s"]
   out[f"{ratio}_wall"] = m[top]["compile_s"] / m[bottom]["compile_s"]
   return out
+
+
+def _comparison(
+  name: str, runs: dict[str, tuple[str, int, int, str]], rounds: int, ratio: str
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+  """One row: both runs' figures (named by their keys) and ``ratio`` = first / second."""
+  row, m = _compare(name, runs, rounds)
+  top, bottom = runs
+  row.update(leaves=runs[top][1], **_pair(m, ratio, top, bottom))
+  return row, m
 
 
 def run(*, quick: bool = False, repeats: int = 20) -> list[dict[str, Any]]:
@@ -125,25 +133,19 @@ def run(*, quick: bool = False, repeats: int = 20) -> list[dict[str, Any]]:
   big, mid, rounds = (100, 100, 1) if quick else (2000, 1000, 3)
   rows = []
   for axes in ("explicit", "auto"):
-    row, m = _compare(
+    row, m = _comparison(
       f"jaxl2 compile, {big} replicated leaves, 8 vs 1 device, {axes} mesh",
-      {"one": ("jaxl2", big, 1, axes), "eight": ("jaxl2", big, 8, axes)},
+      {"one_device": ("jaxl2", big, 1, axes), "eight_devices": ("jaxl2", big, 8, axes)},
       rounds,
+      "eight_vs_one",
     )
-    row.update(
-      leaves=big,
-      **_pair(m, {"one": "one_device", "eight": "eight_devices"}, "eight_vs_one", "eight", "one"),
-      value_rel_diff=abs(m["eight"]["value"] / m["one"]["value"] - 1),
-    )
+    row["value_rel_diff"] = abs(m["eight_devices"]["value"] / m["one_device"]["value"] - 1)
     rows.append(row)
-    row, m = _compare(
+    row, _ = _comparison(
       f"compile, {mid} replicated leaves on 8 devices, jaxl2 vs naive, {axes} mesh",
       {"jaxl2": ("jaxl2", mid, 8, axes), "naive": ("naive", mid, 8, axes)},
       rounds,
-    )
-    row.update(
-      leaves=mid,
-      **_pair(m, {"jaxl2": "jaxl2", "naive": "naive"}, "jaxl2_vs_naive", "jaxl2", "naive"),
+      "jaxl2_vs_naive",
     )
     rows.append(row)
     a, b = rows[-2:]
