@@ -115,13 +115,14 @@ def sweep(
   check_m(m)
   train = make_train_step(apply_fn, loss_fn, optimizer, lam=0.0, m=m, mask=mask)
   per_seed = [init_fn(jax.random.key(seed)) for seed in seed_list]
-  if apply_fn is None:
-    train.init(*per_seed[0])  # sets up the general form's loss, checks the mask
+  static = train.init(*per_seed[0]).static if apply_fn is None else None  # checks the mask
   mesh = _model_mesh()
   shape = (len(lam_list), len(train_idx), len(seed_list))
   grid = _grid(shape, 1 if mesh is None else mesh.devices.size)
   models = _models(grid, per_seed, lam_list, seed_list, train_idx, val_idx)
-  settings = Settings(mask, m, steps, progress, mesh, batch_size, folds is not None, metrics_fn)
+  settings = Settings(
+    mask, m, steps, progress, mesh, batch_size, folds is not None, metrics_fn, static
+  )
   params, out = jax.device_get(program(train, settings)(models, train_data, val_data))
   result_shape = shape if folds is not None else (shape[0], shape[2])  # (λ, [fold,] seed)
   return sweep_result(

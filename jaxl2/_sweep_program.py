@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxl2._masks import MaskSpec
 from jaxl2._metrics import Metrics, MetricsFn, classification, output_metrics, penalty_metrics
+from jaxl2._models import Static
 from jaxl2._train_state import TrainState
 from jaxl2._training import TrainStep
 
@@ -39,6 +40,7 @@ class Settings(NamedTuple):
   batch_size: int | None
   cross_validate: bool
   metrics_fn: MetricsFn | None
+  static: Static | None  # the model's static part (NNX GraphDef, Equinox fields)
 
 
 # Compiled sweeps, reused by later calls with the same functions and settings
@@ -78,7 +80,7 @@ def _run(
   train: TrainStep, settings: Settings, models: Models, train_data: Any, val_data: Any
 ) -> tuple[Any, Metrics]:
   general = train.apply_fn is None
-  state = jax.vmap(functools.partial(_init, train.optimizer, general))(models)
+  state = jax.vmap(functools.partial(_init, train.optimizer, general, settings.static))(models)
   state, _ = jax.lax.scan(
     functools.partial(_step, train, settings, models, train_data),
     state,
@@ -94,13 +96,16 @@ def _run(
   return state.params, jax.vmap(final)(state, models)
 
 
-def _init(optimizer: Any, general: bool, model: dict[str, Any]) -> TrainState:
+def _init(
+  optimizer: Any, general: bool, static: Static | None, model: dict[str, Any]
+) -> TrainState:
   """One model's state at step 0 (the general form's start is (params, model_state))."""
   params, model_state = model["start"] if general else (model["start"], None)
   key = model["key"] if general else None
   return TrainState(
-    params, optimizer.init(params), jnp.zeros([], jnp.int32), model["lam"], model_state, key
-  )
+    params, optimizer.init(params), jnp.zeros([], jnp.int32), model["lam"], model_state, key,
+    static,
+  )  # fmt: skip
 
 
 def _step(

@@ -3,8 +3,10 @@
 Both forms of `make_train_step` run through one step: the simple form
 ``loss_fn(apply_fn(params, inputs), targets)`` is written in the general one,
 ``loss(params, model_state, batch, key) -> (loss, (new_model_state, aux))``,
-with no model state, no key and no aux. The step calls the loss through a
-`BoundLoss`, which ``init`` fills in for the general form.
+with no model state, no key and no aux. The step asks ``loss_of(state.static)``
+for the loss when it traces: the model's static part (an NNX GraphDef, an
+Equinox module's fields) is read from the state it is given, never from a
+model seen earlier.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ import optax
 from jaxl2._checks import check_lam
 from jaxl2._masks import MaskSpec
 from jaxl2._metrics import Metrics, regularized_loss
+from jaxl2._models import Static
 
-__all__ = ["BoundLoss", "StepFn", "TrainState", "as_lam", "eval_fn", "simple_loss", "step_fn"]
+__all__ = ["LossOf", "StepFn", "TrainState", "as_lam", "eval_fn", "simple_loss", "step_fn"]
 
 ModelLoss = Callable[[Any, Any, Any, Any], tuple[jax.Array, tuple[Any, Metrics]]]
+# The model loss for a state's static part (`jaxl2._models.bind` with the user's loss).
+LossOf = Callable[[Static | None], ModelLoss]
 
 
 class TrainState(NamedTuple):
@@ -41,6 +46,12 @@ class TrainState(NamedTuple):
       Variables, an ``eqx.nn.State``); ``None`` in the simple form.
     key: the PRNG key the step's dropout keys derive from,
       ``fold_in(key, step)`` (general form; ``None`` in the simple form).
+      An NNX module draws its dropout keys from its own RNG streams, carried
+      in ``model_state``; ``key`` only marks training mode there.
+    static: the model's static part, for an NNX module (its GraphDef) or an
+      Equinox module (its non-array fields); ``None`` otherwise. Pytree
+      metadata, not a leaf: a state steps the model it was made from, and
+      two models that differ only here compile two programs.
   """
 
   params: Any
@@ -49,6 +60,7 @@ class TrainState(NamedTuple):
   lam: jax.Array
   model_state: Any = None
   key: Any = None
+  static: Static | None = None
 
 
 StepFn = Callable[[TrainState, Any], tuple[TrainState, Metrics]]
@@ -62,23 +74,6 @@ def as_lam(lam: Any, dtype: Any) -> jax.Array:
   return jnp.array(lam, dtype, copy=True)
 
 
-class BoundLoss:
-  """The model loss the step calls; the general form's is bound by ``init``.
-
-  ``init`` splits the model it is given (an NNX module's graph, an Equinox
-  module's static fields are not in the state), so the loss is known only
-  then. The jitted step reads it when it traces.
-  """
-
-  def __init__(self, loss: ModelLoss | None) -> None:
-    self.loss = loss
-
-  def __call__(self, params: Any, model_state: Any, batch: Any, key: Any) -> Any:
-    if self.loss is None:
-      raise ValueError("call `train.init(model, ...)` before the first step: it splits the model.")
-    return self.loss(params, model_state, batch, key)
-
-
 def simple_loss(apply_fn: Callable[[Any, Any], Any], loss_fn: Callable[..., Any]) -> ModelLoss:
   """``loss_fn(apply_fn(params, inputs), targets)`` in the general form."""
 
@@ -89,10 +84,11 @@ def simple_loss(apply_fn: Callable[[Any, Any], Any], loss_fn: Callable[..., Any]
   return loss
 
 
-def step_fn(model: ModelLoss, optimizer: Any, m: Any, mask: MaskSpec) -> StepFn:
+def step_fn(loss_of: LossOf, optimizer: Any, m: Any, mask: MaskSpec) -> StepFn:
   """One step of ``optimizer`` on model loss + (λ/2m)·Σ c·‖W‖², uncompiled."""
 
   def objective(params: Any, state: TrainState, batch: Any, key: Any) -> Any:
+    model = loss_of(state.static)
     data_loss, (model_state, aux) = model(params, state.model_state, batch, key)
     loss, metrics = regularized_loss(data_loss, params, state.lam, m, mask)
     return loss, ({**aux, **metrics}, model_state)
@@ -105,15 +101,16 @@ def step_fn(model: ModelLoss, optimizer: Any, m: Any, mask: MaskSpec) -> StepFn:
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = TrainState(
-      params, opt_state, optax.safe_increment(state.step), state.lam, model_state, state.key
-    )
+    new_state = state._replace(
+      params=params, opt_state=opt_state, step=optax.safe_increment(state.step),
+      model_state=model_state,
+    )  # fmt: skip
     return new_state, metrics
 
   return step
 
 
-def eval_fn(model: ModelLoss) -> Callable[[TrainState, Any], Metrics]:
+def eval_fn(loss_of: LossOf) -> Callable[[TrainState, Any], Metrics]:
   """The data loss and aux metrics in eval mode (``key=None``), uncompiled."""
 
   def evaluate(state: TrainState, batch: Any) -> Metrics:
@@ -121,6 +118,7 @@ def eval_fn(model: ModelLoss) -> Callable[[TrainState, Any], Metrics]:
 
     The model state is used (running statistics), not updated; no penalty.
     """
+    model = loss_of(state.static)
     data_loss, (_, aux) = model(state.params, state.model_state, batch, None)
     return {**aux, "loss": data_loss}
 

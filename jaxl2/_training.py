@@ -25,17 +25,9 @@ from jaxl2._checks import check_callable, check_lam, check_m, check_optimizer
 from jaxl2._dtypes import accumulation_dtype
 from jaxl2._masks import MaskSpec, resolve
 from jaxl2._metrics import Metrics, accuracy, output_metrics
-from jaxl2._models import split_model
+from jaxl2._models import bind, split_model
 from jaxl2._placement import ShardingSpec, check_sharding_spec, place, place_like, settle
-from jaxl2._train_state import (
-  BoundLoss,
-  StepFn,
-  TrainState,
-  as_lam,
-  eval_fn,
-  simple_loss,
-  step_fn,
-)
+from jaxl2._train_state import LossOf, StepFn, TrainState, as_lam, eval_fn, simple_loss, step_fn
 
 __all__ = ["TrainState", "TrainStep", "make_eval_step", "make_train_step"]
 
@@ -86,19 +78,33 @@ class TrainStep:
     return self._compiled(state, batch)
 
 
+def _split(general: bool, model: Any, model_state: Any, seed: int | None) -> tuple[Any, ...]:
+  """(params, model_state, key, static) of what ``init`` was given, in the step's form."""
+  if general:
+    params, model_state, static = split_model(model, model_state, seed=seed)
+    return params, model_state, jax.random.key(0 if seed is None else seed), static
+  if model_state is not None:
+    raise ValueError(
+      "`model_state` is for the general form (`make_train_step(None, loss_fn, ...)`); the "
+      "simple form `apply_fn(params, inputs)` has no model state."
+    )
+  return model, None, None, None
+
+
 def _init_fn(
-  model: BoundLoss,
-  general_loss: Callable[..., Any] | None,
+  general: bool,
   optimizer: optax.GradientTransformation,
   *,
   lam: float,
   mask: MaskSpec,
   param_sharding: ShardingSpec,
 ) -> Callable[..., TrainState]:
-  """``init`` for the given form; ``general_loss`` is the general form's ``loss_fn``."""
+  """``init`` for the given form."""
   default_lam = lam
 
-  def init(params: Any, model_state: Any = None, *, lam: Any = None, seed: int = 0) -> TrainState:
+  def init(
+    params: Any, model_state: Any = None, *, lam: Any = None, seed: int | None = None
+  ) -> TrainState:
     """The initial state: ``params``, a fresh optimizer state, step 0 and λ.
 
     Args:
@@ -113,7 +119,15 @@ def _init_fn(
         an NNX module, whose state is in the module.
       lam: overrides the λ given to `make_train_step`.
       seed: general form: the seed of the state's PRNG key, from which each
-        step's dropout key is ``fold_in(key, step)``.
+        step's dropout key is ``fold_in(key(seed), step)`` (None: 0). An NNX
+        module draws dropout keys from its own RNG streams: an int ``seed``
+        restarts every stream from ``key(seed)`` (stream i at
+        ``fold_in(key(seed), i)``, then the stream's name), None keeps the
+        streams the module holds.
+
+    Each call makes an independent state: a second model (of the same shapes
+    or not, with another activation or NNX attribute) never changes what a
+    state made earlier trains.
 
     When the params are spread over a mesh, the optimizer state follows them
     (optax builds it with ``zeros_like``) and the state's scalars (step, λ,
@@ -123,16 +137,7 @@ def _init_fn(
       ValueError: the mask selects nothing; ``param_sharding`` does not match
         the params' structure or does not divide a leaf's shape.
     """
-    key = None
-    if general_loss is not None:
-      split = split_model(general_loss, params, model_state)
-      model.loss = split.loss
-      params, model_state, key = split.params, split.model_state, jax.random.key(seed)
-    elif model_state is not None:
-      raise ValueError(
-        "`model_state` is for the general form (`make_train_step(None, loss_fn, ...)`); the "
-        "simple form `apply_fn(params, inputs)` has no model state."
-      )
+    params, model_state, key, static = _split(general, params, model_state, seed)
     selection = resolve(params, mask)
     if param_sharding is None:
       params = jax.tree_util.tree_map(jnp.asarray, params)
@@ -141,7 +146,7 @@ def _init_fn(
     acc = accumulation_dtype(leaf.value for leaf, _ in selection.selected)
     lam = as_lam(default_lam if lam is None else lam, acc)
     state = TrainState(
-      params, optimizer.init(params), jnp.zeros([], jnp.int32), lam, model_state, key
+      params, optimizer.init(params), jnp.zeros([], jnp.int32), lam, model_state, key, static
     )
     return settle(state, params)  # a copy: steps donate the state's buffers, never the caller's
 
@@ -167,6 +172,14 @@ def _compiled(step: StepFn, batch_sharding: ShardingSpec) -> StepFn:
     return jitted(state, place(batch, batch_sharding, "batch_sharding", "batch"))
 
   return call
+
+
+def _loss_of(apply_fn: ApplyFn | None, loss_fn: Callable[..., Any]) -> LossOf:
+  """The model loss for a state's static part: the simple form has none."""
+  if apply_fn is not None:
+    simple = simple_loss(apply_fn, loss_fn)
+    return lambda static: simple
+  return lambda static: bind(loss_fn, static)
 
 
 def make_train_step(
@@ -273,21 +286,14 @@ def make_train_step(
   check_sharding_spec(param_sharding, "param_sharding", "params")
   check_sharding_spec(batch_sharding, "batch_sharding", "batch")
   general = apply_fn is None
-  model = BoundLoss(None if general else simple_loss(apply_fn, loss_fn))
-  step = step_fn(model, optimizer, m, mask)
-  init = _init_fn(
-    model,
-    loss_fn if general else None,
-    optimizer,
-    lam=float(lam),
-    mask=mask,
-    param_sharding=param_sharding,
-  )
+  loss_of = _loss_of(apply_fn, loss_fn)
+  step = step_fn(loss_of, optimizer, m, mask)
+  init = _init_fn(general, optimizer, lam=float(lam), mask=mask, param_sharding=param_sharding)
   return TrainStep(
     init=init,
     set_lam=_set_lam,
     step_fn=step,
-    eval_fn=eval_fn(model),
+    eval_fn=eval_fn(loss_of),
     _compiled=_compiled(step, batch_sharding),
     apply_fn=apply_fn,
     loss_fn=loss_fn,

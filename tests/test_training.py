@@ -105,9 +105,11 @@ def test_state_is_a_checkpointable_pytree_and_is_donated():
   params, batch, apply_fn, mse, _ = helpers.mlp_problem()
   train = jaxl2.make_train_step(apply_fn, mse, optax.adam(1e-3), lam=LAM, m=M)
   state = train.init(params)
-  assert set(state._fields) == {"params", "opt_state", "step", "lam", "model_state", "key"}
-  assert state.model_state is None and state.key is None  # the simple form carries neither
-  saved = jax.tree_util.tree_map(np.asarray, state)  # e.g. what a checkpointer writes
+  fields = {"params", "opt_state", "step", "lam", "model_state", "key", "static"}
+  assert set(state._fields) == fields
+  # The simple form carries none of these (orbax round trips: tests/test_checkpoint.py).
+  assert state.model_state is None and state.key is None and state.static is None
+  saved = jax.tree_util.tree_map(np.asarray, state)  # host copies
   restored = jax.tree_util.tree_map(jnp.asarray, saved)
   new_state, _ = train(restored, batch)
   assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(restored.params))  # donated

@@ -266,21 +266,188 @@ def test_equinox_state_matches_equinox_loop():
     reference = helpers.ref_l2([(w, 1.0) for w in kernels], LAM, M)
     np.testing.assert_allclose(float(metrics["penalty"]), reference, rtol=1e-5)
   _close(state.params, eqx.filter(ref_model, eqx.is_inexact_array), 1e-4)
+  # The carried eqx.nn.State (BatchNorm's running statistics) is the loop's.
+  _close(state.model_state, ref_state, 1e-4)
+  # Eval mode: inference_mode (no dropout) with the running statistics, as the loop's.
+  inference = eqx.nn.inference_mode(ref_model)
+  ref_eval, _ = _eqx_loss(inference, ref_state, BATCH, None)
+  evaluate = jaxl2.make_eval_step(train)
+  np.testing.assert_allclose(float(evaluate(state, BATCH)["loss"]), float(ref_eval), rtol=1e-5)
 
 
-@pytest.mark.parametrize("model_state", [None, {"x": jnp.ones(2)}])
-def test_simple_form_rejects_model_state_and_general_form_needs_init(model_state):
+def test_simple_form_rejects_model_state():
   simple = jaxl2.make_train_step(lambda p, x: x, lambda o, y: 0.0, optax.sgd(0.1), lam=0.1, m=1)
-  if model_state is not None:
-    with pytest.raises(ValueError, match="`model_state` is for the general form"):
-      simple.init({"w": jnp.ones((2, 2))}, model_state)
-  general = jaxl2.make_train_step(
-    None, lambda p, s, b, k: (0.0, (s, {})), optax.sgd(0.1), lam=0.1, m=1
+  with pytest.raises(ValueError, match="`model_state` is for the general form"):
+    simple.init({"w": jnp.ones((2, 2))}, {"x": jnp.ones(2)})
+
+
+# ---- One TrainStep, several models: each state trains its own ---------------------------
+
+
+class ScaledNet(nnx.Module):
+  """An NNX module whose static attribute ``scale`` changes its output, not its shapes."""
+
+  def __init__(self, scale: float, rngs: nnx.Rngs):
+    self.lin = nnx.Linear(8 * 8 * 3, 4, rngs=rngs)
+    self.scale = scale
+
+  def __call__(self, x):
+    return self.scale * self.lin(x.reshape(x.shape[0], -1))
+
+
+def _nnx_ce(model, batch):
+  return _weighted_ce(model(batch["image"]), batch)
+
+
+def _eqx_mlp_loss(model, state, batch, key):
+  logits = jax.vmap(model)(batch["image"].reshape(len(batch["label"]), -1))
+  return _weighted_ce(logits, batch), (state, {})
+
+
+def _eqx_mlp(activation):
+  return eqx.nn.MLP(8 * 8 * 3, 4, 16, 2, activation=activation, key=jax.random.key(0))
+
+
+@pytest.mark.parametrize(
+  ("loss_fn", "make_a", "make_b"),
+  [
+    (_nnx_ce, lambda: ScaledNet(1.0, nnx.Rngs(0)), lambda: ScaledNet(5.0, nnx.Rngs(0))),
+    (_eqx_mlp_loss, lambda: _eqx_mlp(jax.nn.relu), lambda: _eqx_mlp(jnp.tanh)),
+  ],
+  ids=["nnx-attribute", "equinox-activation"],
+)
+def test_one_train_step_trains_each_model_it_is_given(loss_fn, make_a, make_b):
+  # Same shapes, another static part (an NNX attribute, an Equinox activation). Reference:
+  # a fresh TrainStep for each model alone. Before the static part travelled with the
+  # state, B ran A's code (and stepping A's state after init(B) ran B's).
+  def alone(make):
+    train = jaxl2.make_train_step(None, loss_fn, optax.adam(1e-2), lam=LAM, m=M)
+    state = train.init(make())
+    losses = []
+    for _ in range(3):
+      state, metrics = train(state, BATCH)
+      losses.append(float(metrics["data_loss"]))
+    return losses, state.params
+
+  (ref_a, params_a), (ref_b, params_b) = alone(make_a), alone(make_b)
+  assert abs(ref_a[0] - ref_b[0]) > 1e-3  # the two models really differ
+  shared = jaxl2.make_train_step(None, loss_fn, optax.adam(1e-2), lam=LAM, m=M)
+  state_a = shared.init(make_a())
+  state_b = shared.init(make_b())  # after A's init, before A's first step
+  got_a, got_b = [], []
+  for _ in range(3):  # interleaved
+    state_a, metrics_a = shared(state_a, BATCH)
+    state_b, metrics_b = shared(state_b, BATCH)
+    got_a.append(float(metrics_a["data_loss"]))
+    got_b.append(float(metrics_b["data_loss"]))
+  assert got_a == ref_a and got_b == ref_b  # the same programs: bit for bit
+  helpers.assert_trees_close(state_a.params, params_a, rtol=0)
+  helpers.assert_trees_close(state_b.params, params_b, rtol=0)
+  evaluate = jaxl2.make_eval_step(shared)
+  assert float(evaluate(state_a, BATCH)["loss"]) != float(evaluate(state_b, BATCH)["loss"])
+
+
+def test_equal_models_share_one_compiled_step():
+  # The static part is compared by value: a second model built the same way reuses the
+  # program (one trace), so keying on it costs nothing when nothing changed.
+  traces = []
+
+  def loss_fn(model, batch):
+    traces.append(1)
+    return _nnx_ce(model, batch)
+
+  train = jaxl2.make_train_step(None, loss_fn, optax.sgd(0.1), lam=LAM, m=M)
+  for seed in (0, 1):
+    state = train.init(ScaledNet(2.0, nnx.Rngs(seed)))
+    for _ in range(2):
+      state, _ = train(state, BATCH)
+  assert len(traces) == 1
+
+
+def _mean_ce(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def test_linen_models_differing_in_a_static_field_train_apart():
+  # Linen keeps its static part (here the activation) in the module the loss closes over:
+  # one TrainStep per module. Two of them, interleaved, each follow their own model.
+  class Net(nn.Module):
+    activation: str
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Dense(16)(x.reshape(x.shape[0], -1))
+      return nn.Dense(4)(getattr(jax.nn, self.activation)(x))
+
+  def make(activation):
+    model = Net(activation)
+    params = model.init(jax.random.key(0), IMAGES)["params"]
+    train = jaxl2.make_train_step(
+      lambda p, x: model.apply({"params": p}, x), _mean_ce, optax.sgd(0.1), lam=LAM, m=M,
+    )  # fmt: skip
+    return train, train.init(params), model
+
+  (ta, sa, ma), (tb, sb, mb) = make("relu"), make("tanh")
+  for _ in range(2):
+    params_a, params_b = jax.device_get((sa.params, sb.params))
+    sa, metrics_a = ta(sa, (IMAGES, LABELS))
+    sb, metrics_b = tb(sb, (IMAGES, LABELS))
+    for model, params, metrics in ((ma, params_a, metrics_a), (mb, params_b, metrics_b)):
+      logits = model.apply({"params": params}, IMAGES)
+      np.testing.assert_allclose(
+        float(metrics["data_loss"]), float(_mean_ce(logits, LABELS)), rtol=1e-6
+      )
+
+
+def _dropout_losses(seed, loss_fn=None, make=None, steps=3):
+  """Data losses of ``steps`` steps at lr 0 (only dropout changes them) from ``init(make())``."""
+  loss_fn = loss_fn or _nnx_dropout_loss
+  train = jaxl2.make_train_step(None, loss_fn, optax.sgd(0.0), lam=LAM, m=M)
+  state = train.init((make or (lambda: NNXNet(nnx.Rngs(0, dropout=1))))(), seed=seed)
+  out = []
+  for _ in range(steps):
+    state, metrics = train(state, BATCH)
+    out.append(float(metrics["data_loss"]))
+  return out
+
+
+def _nnx_dropout_loss(model, batch):
+  model.bn.use_running_average = True  # frozen statistics: only dropout varies
+  return _weighted_ce(model(batch["image"]), batch)
+
+
+def test_nnx_seed_restarts_the_module_rng_streams():
+  # seed=None keeps the module's own streams (the nnx.Optimizer loop's keys); an int seed
+  # restarts them from key(seed): reproducible, and another seed draws other masks.
+  first, again, other, own = (_dropout_losses(s) for s in (0, 0, 5, None))
+  assert first == again
+  assert first != other and first != own
+  assert len(set(first)) == 3  # lr 0: only the dropout mask changes between steps
+  reference = NNXNet(nnx.Rngs(0, dropout=1))
+  reference.train()
+  reference.bn.use_running_average = True
+  expected = [float(_weighted_ce(reference(IMAGES), BATCH)) for _ in range(3)]
+  np.testing.assert_allclose(own, expected, rtol=1e-6)
+
+
+class CallTimeRngs(nnx.Module):
+  """Gemma-style: the inner module takes ``rngs`` at call time; the wrapper holds them."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.inner = NNXNet(rngs)
+    self.rngs = nnx.Rngs(dropout=0)  # carried in the state, restarted by `seed`
+
+  def __call__(self, x):
+    x = nnx.relu(self.inner.bn(self.inner.conv(x))).mean(axis=(1, 2))
+    return self.inner.head(self.inner.dropout(x, rngs=self.rngs))
+
+
+def test_call_time_rngs_through_a_wrapper_module():
+  def loss_fn(model, batch):
+    model.inner.bn.use_running_average = True
+    return _weighted_ce(model(batch["image"]), batch)
+
+  first, again, other = (
+    _dropout_losses(seed, loss_fn, lambda: CallTimeRngs(nnx.Rngs(0))) for seed in (0, 0, 1)
   )
-  with pytest.raises(ValueError, match=r"call `train.init\(model, ...\)`"):
-    general.step_fn(
-      jaxl2.TrainState(
-        {"w": jnp.ones((2, 2))}, (), jnp.int32(0), jnp.float32(0.1), None, jax.random.key(0)
-      ),
-      None,
-    )
+  assert first == again and first != other and len(set(first)) == 3
