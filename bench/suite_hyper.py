@@ -61,17 +61,10 @@ def run(*, quick: bool = False, repeats: int = 20) -> list[dict[str, Any]]:
       state, _ = train(state, (xt, yt))
     step = measure(train.step_fn, state, (xt, yt), repeats=repeats)
 
-    # Defined once per case: the compiled program is keyed on the loss functions.
-    def train_loss(q: Any, apply: Any = apply) -> jax.Array:
-      return _xent(apply(q, xt), yt)
-
-    def val_loss(q: Any, apply: Any = apply) -> jax.Array:
-      return _xent(apply(q, xv), yv)
-
-    def hypergradient(p: Any = state.params, mask: Any = mask) -> Any:
+    def hypergradient(state: Any = state, train: Any = train) -> Any:
       with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # approximate W* is the usual case
-        return jaxl2.lam_hypergradient(train_loss, val_loss, p, LAM, m, mask=mask)
+        return jaxl2.lam_hypergradient(train, state, (xt, yt), (xv, yv))
 
     hg = hypergradient()
     timed = measure_call(hypergradient, repeats=repeats)

@@ -3,6 +3,7 @@
 J(W) = loss + (λ / 2m) · Σ_j ‖W_j‖²,   ∂/∂W_j = (λ / m) · W_j
 """
 
+from jaxl2._curvature import GaussNewton
 from jaxl2._datasets import Digits, load_digits
 from jaxl2._describe import Description, LeafRow, describe
 from jaxl2._effective_params import EffectiveParams, effective_params
@@ -40,6 +41,7 @@ __all__ = [
   "Description",
   "Digits",
   "EffectiveParams",
+  "GaussNewton",
   "Hypergradient",
   "LeafRow",
   "SweepResult",

@@ -1,7 +1,8 @@
-r"""`effective_params`: tr(H_d·(H_d + (λ/m)·C)⁻¹), how many directions the data pin down.
+r"""`effective_params`: tr(C·(C + (λ/m)·diag(c))⁻¹), how many directions the data pin down.
 
-Exact from the dense Hessian for small models; Hutchinson's estimate with
-conjugate-gradient solves on Hessian-vector products (`jaxl2._implicit`) otherwise.
+Exact from the dense curvature for small models; Hutchinson's estimate with
+preconditioned conjugate-gradient solves on curvature-vector products
+(`jaxl2._implicit`, `jaxl2._curvature`) otherwise.
 """
 
 from __future__ import annotations
@@ -11,60 +12,64 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from jaxl2._checks import check_count
-from jaxl2._implicit import (
-  MAXITER,
-  Flat,
-  Loss,
-  problem,
-  regularized_hvp,
-  solve_cg,
-  solve_tol,
-  troubles,
-  warn_troubles,
-)
-from jaxl2._masks import MaskSpec
+from jaxl2._curvature import GaussNewton
+from jaxl2._hypergradient import PRECONDITION
+from jaxl2._implicit import MAXITER, solve_cg, troubles, vdot, warn_troubles
+from jaxl2._lam_setup import Numbers, Options, inside, prepare
+from jaxl2._sketch import signs_like
+from jaxl2._train_state import TrainState
+from jaxl2._training import TrainStep
 
 __all__ = ["EffectiveParams", "effective_params"]
 
 
 class EffectiveParams(NamedTuple):
-  """`effective_params`: the value, its standard error and probes (0.0 and 0 when exact)."""
+  """`effective_params`: the value, its standard error, probes (0.0 and 0 when exact), whether
+  it is exact, and the curvature used (``"gauss_newton"`` or ``"hessian"``)."""
 
   value: float
   stderr: float
   probes: int
   exact: bool
+  curvature: str = "hessian"
 
 
-@functools.partial(jax.jit, static_argnames=("train_loss_fn",))
-def _exact(train_loss_fn: Loss, params: Any, c: jax.Array, scale: jax.Array) -> jax.Array:
-  flat = Flat.of(params)
-  w = flat.ravel(params)
-  h = jax.hessian(lambda v: train_loss_fn(flat.unravel(v)))(w)
-  h = (h + h.T) / 2
-  evals, q = jnp.linalg.eigh(h + jnp.diag(scale * c))
-  # tr(A⁺·H_d): a direction with A·q = 0 has no data and no penalty, and counts 0.
+@functools.partial(jax.jit, static_argnames=("options",))
+def _exact(options: Options, model: Any, train_data: Any, numbers: Numbers) -> jax.Array:
+  inner = inside(options._replace(rank=0), numbers, model, train_data)
+  flat, unravel = ravel_pytree(inner.w)
+  c = ravel_pytree(jax.tree_util.tree_map(lambda ci, x: ci * jnp.ones_like(x), inner.c, inner.w))[0]
+  # n products, 64 at a time: the columns of the dense curvature.
+  columns = jax.lax.map(
+    lambda e: ravel_pytree(inner.product(unravel(e)))[0],
+    jnp.eye(flat.shape[0], dtype=flat.dtype),
+    batch_size=min(64, flat.shape[0]),
+  )
+  h = (columns + columns.T) / 2
+  evals, q = jnp.linalg.eigh(h + jnp.diag(numbers.scale * c + numbers.damping))
+  # tr(A⁺·C): a direction with A·q = 0 has no data and no penalty, and counts 0.
   keep = jnp.abs(evals) > evals.shape[0] * jnp.finfo(evals.dtype).eps * jnp.max(jnp.abs(evals))
   inverse = jnp.where(keep, 1 / jnp.where(keep, evals, 1.0), 0.0)
   return jnp.sum(inverse * jnp.sum(q * (h @ q), axis=0))
 
 
-@functools.partial(jax.jit, static_argnames=("train_loss_fn", "probes", "maxiter"))
+@functools.partial(jax.jit, static_argnames=("options", "probes"))
 def _hutchinson(
-  train_loss_fn: Loss, params: Any, c: jax.Array, scale: jax.Array, key: jax.Array,
-  tol: jax.Array, probes: int, maxiter: int,
-) -> dict[str, jax.Array]:  # fmt: skip
-  flat = Flat.of(params)
-  w = flat.ravel(params)
-  _, hessian_data, hessian = regularized_hvp(train_loss_fn, flat, w, c, scale)
-  z = jax.random.rademacher(key, (probes, w.shape[0]), flat.acc)
+  options: Options, probes: int, model: Any, train_data: Any, numbers: Numbers
+) -> dict[str, jax.Array]:
+  inner = inside(options, numbers, model, train_data)
+  # Other signs than the preconditioner's: seed + 1.
+  z = signs_like(inner.w, probes, numbers.seed + jnp.uint32(1))
 
-  def probe(zi: jax.Array) -> tuple[jax.Array, ...]:
-    # zᵀ·A⁻¹·H_d·z with A·y = H_d·z solved: H_d·z lies in A's range even where A is singular.
-    solve = solve_cg(hessian, hessian_data(zi), tol, maxiter)
-    return jnp.vdot(zi, solve.x), solve.residual, solve.negative_curvature
+  def probe(v: Any) -> tuple[jax.Array, ...]:
+    # zᵀ·A⁻¹·C·z with A·y = C·z solved: C·z lies in A's range even where A is singular.
+    solve = solve_cg(
+      inner.matvec, inner.product(v), numbers.tol, options.maxiter, inner.precondition
+    )
+    return vdot(v, solve.x), solve.residual, solve.negative_curvature
 
   # In chunks of 16 probes: vectorized products, memory bounded by 16 copies of the params.
   samples, residuals, negative = jax.lax.map(probe, z, batch_size=min(probes, 16))
@@ -77,75 +82,85 @@ def _hutchinson(
 
 
 def effective_params(
-  train_loss_fn: Loss,
-  params: Any,
-  lam: Any,
-  m: Any,
+  train: TrainStep,
+  state: TrainState,
+  train_data: Any,
   *,
-  mask: MaskSpec = None,
+  batch_size: int | None = None,
+  curvature: str | GaussNewton = "auto",
+  damping: float | None = None,
   exact_below: int = 2000,
   probes: int = 64,
   seed: int = 0,
+  precondition: int = PRECONDITION,
   tol: float | None = None,
   maxiter: int = MAXITER,
 ) -> EffectiveParams:
-  r"""The effective number of parameters tr(H_d·(H_d + (λ/m)·C)⁻¹) at ``params``.
+  r"""The effective number of parameters tr(C·(C + (λ/m)·diag(c) + δ·I)⁻¹) at ``state``.
 
-  H_d is the Hessian of the mean data loss ``train_loss_fn`` and C = diag(c) the
-  mask's multipliers. Each direction counts h/(h + (λ/m)·c) for its curvature h:
-  1 when the data pin it down, 0 when the penalty dominates; an unpenalized
-  direction with data counts 1, one with neither counts 0. For ridge regression
-  with design X (singular values d_i) it is Σ d_i²/(d_i² + λ/2), plus 1 for an
-  unpenalized intercept (d_i then those of the centered design). It falls as λ
-  grows: a simpler model.
+  C is the curvature of the mean training loss (the Gauss-Newton matrix by
+  default for a loss of outputs, else the Hessian H_d; see
+  `jaxl2.lam_hypergradient`), c the mask's multipliers, δ = ``damping``. Each
+  direction counts h/(h + (λ/m)·c) for its curvature h: 1 when the data pin it
+  down, 0 when the penalty dominates; an unpenalized direction with data
+  counts 1, one with neither counts 0. For ridge regression with design X
+  (singular values d_i) it is Σ d_i²/(d_i² + λ/2), plus 1 for an unpenalized
+  intercept (d_i then those of the centered design). It falls as λ grows: a
+  simpler model.
 
-  With fewer than ``exact_below`` parameters it is exact: the dense Hessian, A =
-  H_d + (λ/m)·C eigendecomposed, tr(A⁺·H_d). Otherwise it is Hutchinson's estimate
-  mean(zᵀ·A⁻¹·H_d·z) over ``probes`` Rademacher vectors z, each A·y = H_d·z solved
-  by conjugate gradients as in `jaxl2.lam_hypergradient`, with the standard error
-  std/√probes (the estimate is unbiased; the CG solves need A positive definite).
-  Where H_d has negative eigenvalues (a non-convex model away from a clean
-  minimum) a direction can count below 0 or above 1, and so can the total.
+  The model and data are taken as `jaxl2.lam_hypergradient` takes them (a
+  `TrainStep`, its `TrainState`, the training set as an argument, summed over
+  in evaluation mode ``batch_size`` examples at a time). With fewer than
+  ``exact_below`` parameters it is exact: the dense C (n curvature products),
+  A = C + (λ/m)·diag(c) + δ·I eigendecomposed, tr(A⁺·C). Otherwise it is
+  Hutchinson's estimate mean(zᵀ·A⁻¹·C·z) over ``probes`` Rademacher vectors z,
+  each A·y = C·z solved by preconditioned conjugate gradients, with the
+  standard error std/√probes (unbiased; the solves need A positive definite,
+  which the Gauss-Newton matrix gives). With the Hessian of a non-convex model
+  away from a clean minimum a direction can count below 0 or above 1, and so
+  can the total.
 
   Args:
-    train_loss_fn: ``train_loss_fn(params) -> scalar``, the mean training loss.
-    params: where to measure, usually W* trained at this λ; real floating arrays.
-    lam, m, mask: as for `jaxl2.l2_penalty`.
-    exact_below: use the dense Hessian below this many parameters (its cost is
-      n Hessian-vector products, n² memory and an n³ eigendecomposition).
+    train, state, train_data, batch_size, curvature, damping: as for
+      `jaxl2.lam_hypergradient`.
+    exact_below: use the dense curvature below this many parameters (its cost
+      is n curvature products, n² memory and an n³ eigendecomposition).
     probes: Rademacher probes for the estimate (≥ 2).
-    seed: seed of the probes.
-    tol, maxiter: the CG solves' relative residual and cap, as `lam_hypergradient`.
+    seed: seed of the probes (and of the preconditioner's).
+    precondition, tol, maxiter: the solves' preconditioner probes, relative
+      residual and cap, as `lam_hypergradient`.
 
   Returns:
-    An `EffectiveParams`: value, stderr, probes and exact.
+    An `EffectiveParams`: value, stderr, probes, exact and the curvature used.
 
   Raises:
-    TypeError: a leaf that is not a real floating array.
-    ValueError: ``lam``/``m``/``mask`` as `jaxl2.l2_penalty`; ``probes`` < 2.
+    TypeError, ValueError: as `jaxl2.lam_hypergradient`; ``probes`` < 2.
 
   Warns:
     RuntimeWarning: (estimate) a solve met non-positive curvature or stayed above ``tol``.
 
   Example:
-    >>> import jax.numpy as jnp, jaxl2
+    >>> import jax.numpy as jnp, optax, jaxl2
     >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]])  # d² = 3, 3
-    >>> train = lambda p: jnp.mean((x @ p["w"] - jnp.arange(4.0)) ** 2)
-    >>> result = jaxl2.effective_params(train, {"w": jnp.zeros(2)}, 6.0, 4, mask=jaxl2.all_floating)
+    >>> train = jaxl2.make_train_step(lambda p, x: x @ p["w"], lambda o, y: jnp.mean((o - y) ** 2),
+    ...   optax.sgd(0.1), lam=6.0, m=4, mask=jaxl2.all_floating)
+    >>> state = train.init({"w": jnp.zeros(2)})
+    >>> result = jaxl2.effective_params(train, state, (x, jnp.arange(4.0)))
     >>> round(result.value, 5), result.exact  # 2 · 3/(3 + 6/2)
     (1.0, True)
   """
-  c, scale, acc = problem(params, lam, m, mask, "effective_params")
-  if c.shape[0] < exact_below:
-    value = float(_exact(train_loss_fn, params, c, scale))
-    return EffectiveParams(value=value, stderr=0.0, probes=0, exact=True)
+  options, numbers, tol = prepare(
+    "effective_params", train, state, train_data, batch_size=batch_size, curvature=curvature,
+    damping=damping, tol=tol, maxiter=maxiter, precondition=precondition, seed=seed,
+  )  # fmt: skip
+  name = "gauss_newton" if isinstance(options.curvature, GaussNewton) else options.curvature
+  model = (state.params, state.model_state, state.static)
+  size = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+  if size < exact_below:
+    value = float(_exact(options, model, train_data, numbers))
+    return EffectiveParams(value=value, stderr=0.0, probes=0, exact=True, curvature=name)
   check_count(probes, "probes", least=2, why=" (a standard error needs two)")
-  tol = solve_tol(acc, tol, maxiter)
-  out = jax.device_get(
-    _hutchinson(
-      train_loss_fn, params, c, scale, jax.random.key(seed), jnp.asarray(tol, acc), probes, maxiter
-    )
-  )
-  found = troubles(float(out["residual"]), tol, bool(out["negative_curvature"]))
-  warn_troubles("effective_params", lam, found)
-  return EffectiveParams(float(out["value"]), float(out["stderr"]), probes, exact=False)
+  out = jax.device_get(_hutchinson(options, probes, model, train_data, numbers))
+  found = troubles(float(out["residual"]), tol, bool(out["negative_curvature"]), curvature=name)
+  warn_troubles("effective_params", float(jax.device_get(state.lam)), found)
+  return EffectiveParams(float(out["value"]), float(out["stderr"]), probes, False, name)

@@ -1,45 +1,46 @@
 r"""`lam_hypergradient`: dV/dλ at trained params, by implicit differentiation.
 
-dV(W*(λ))/dλ = −∇V(W*)ᵀ·H⁻¹·(c⊙W*)/m with one adjoint solve H·v = ∇V by
-conjugate gradients on Hessian-vector products (the derivation is in
-`jaxl2._implicit`), read back with the diagnostics that say whether to trust it.
+dV(W*(λ))/dλ = −∇V(W*)ᵀ·A⁻¹·(c⊙W*)/m with one adjoint solve A·v = ∇V by
+preconditioned conjugate gradients on curvature-vector products summed over
+the training set (the derivation is in `jaxl2._implicit`, the curvature in
+`jaxl2._curvature`), read back with the diagnostics that say whether to trust it.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxl2._implicit import (
-  MAXITER,
-  Flat,
-  Loss,
-  problem,
-  regularized_hvp,
-  solve_cg,
-  solve_tol,
-  troubles,
-  warn_troubles,
-)
-from jaxl2._masks import MaskSpec
-from jaxl2._setup import lam_over_m
+from jaxl2._batches import check_batch_size, n_examples
+from jaxl2._curvature import GaussNewton, evaluation, gauss_newton_gap, value_and_grad
+from jaxl2._implicit import MAXITER, solve_cg, troubles, vdot, warn_troubles
+from jaxl2._lam_setup import Numbers, Options, check_loss_fn, inside, prepare
+from jaxl2._train_state import TrainState
+from jaxl2._training import TrainStep
 
-__all__ = ["Hypergradient", "hypergradient", "lam_hypergradient"]
+__all__ = ["PRECONDITION", "Hypergradient", "hypergradient", "lam_hypergradient"]
+
+PRECONDITION = 64  # rank of the Nyström preconditioner, by default
+_GAP = 1e-4  # how far `GaussNewton`'s output_loss(outputs_fn) may be from loss_fn
 
 
 class Hypergradient(NamedTuple):
   """What `lam_hypergradient` found at W*, as Python numbers.
 
   Attributes:
-    value: dV(W*(λ))/dλ. val_loss: V(W*).
-    residual: the solve's relative residual ‖H·v − ∇V‖ / ‖∇V‖, recomputed at the end.
-    iterations: conjugate-gradient iterations (one Hessian-vector product each).
+    value: dV(W*(λ))/dλ. val_loss: V(W*), the mean validation loss.
+    residual: the solve's relative residual ‖A·v − ∇V‖ / ‖∇V‖, recomputed at the end.
+    iterations: conjugate-gradient iterations (one curvature product, one pass
+      over the training data, each).
     grad_norm: ‖∇(L + penalty)‖ at W*, 0 at a stationary point; stationarity: grad_norm
       / ‖(λ/m)·c⊙W*‖, relative to the penalty's pull (inf at λ = 0 unless grad_norm = 0).
-    negative_curvature: the solve met a direction p with pᵀHp ≤ 0 and stopped there.
+    negative_curvature: the solve met a direction p with pᵀAp ≤ 0 and stopped there.
+    curvature: the curvature the solve used, ``"gauss_newton"`` or ``"hessian"``.
+    damping: the damping added to it.
   """
 
   value: float
@@ -49,101 +50,178 @@ class Hypergradient(NamedTuple):
   grad_norm: float
   stationarity: float
   negative_curvature: bool
+  curvature: str = "hessian"
+  damping: float = 0.0
 
 
-_TYPES = (float, float, float, int, float, float, bool)  # Hypergradient's fields, from arrays
+_TYPES = (float, float, float, int, float, float, bool)  # Hypergradient's array fields
 
 
-@functools.partial(jax.jit, static_argnames=("train_loss_fn", "val_loss_fn", "maxiter"))
+@functools.partial(jax.jit, static_argnames=("options", "val_loss_fn", "val_batch_size"))
 def _program(
-  train_loss_fn: Loss, val_loss_fn: Loss, params: Any, c: jax.Array, scale: jax.Array,
-  inv_m: jax.Array, tol: jax.Array, maxiter: int,
-) -> tuple[jax.Array, ...]:  # fmt: skip
-  flat = Flat.of(params)
-  w = flat.ravel(params)
-  data_grad, _, hessian = regularized_hvp(train_loss_fn, flat, w, c, scale)
-  val_loss, val_grad = jax.value_and_grad(lambda v: val_loss_fn(flat.unravel(v)))(w)
-  # The adjoint solve H·v = ∇V: one solve whatever the number of λ-directions.
-  solve = solve_cg(hessian, val_grad, tol, maxiter)
-  pull = scale * c * w
-  grad_norm = jnp.linalg.norm(data_grad + pull)
-  pull_norm = jnp.linalg.norm(pull)
+  options: Options, val_loss_fn: Callable[..., Any], val_batch_size: int, model: Any,
+  train_data: Any, val_data: Any, numbers: Numbers,
+) -> tuple[tuple[jax.Array, ...], jax.Array]:  # fmt: skip
+  inner = inside(options, numbers, model, train_data)
+  params, model_state, static = model
+  dtypes = jax.tree_util.tree_map(lambda x: x.dtype, params)
+  bs = options.batch_size
+  _, data_grad = value_and_grad(inner.model.loss, inner.w, train_data, bs, inner.acc)
+  val = evaluation(options.train, val_loss_fn, "hessian", static, model_state, dtypes)
+  val_loss, val_grad = value_and_grad(val.loss, inner.w, val_data, val_batch_size, inner.acc)
+  # The adjoint solve A·v = ∇V: one solve whatever the number of λ-directions.
+  solve = solve_cg(inner.matvec, val_grad, numbers.tol, options.maxiter, inner.precondition)
+  cw = jax.tree_util.tree_map(jnp.multiply, inner.c, inner.w)
+  pull = jax.tree_util.tree_map(lambda x: numbers.scale * x, cw)
+  total = jax.tree_util.tree_map(jnp.add, data_grad, pull)
+  grad_norm, pull_norm = jnp.sqrt(vdot(total, total)), jnp.sqrt(vdot(pull, pull))
   stationarity = jnp.where(grad_norm == 0, 0.0, grad_norm / pull_norm)
-  value = -jnp.vdot(solve.x, c * w) * inv_m
-  return (value, val_loss, solve.residual, solve.iterations, grad_norm, stationarity,
-          solve.negative_curvature)  # fmt: skip
+  value = -vdot(solve.x, cw) * numbers.inv_m
+  gap = jnp.zeros((), inner.acc)
+  if isinstance(options.curvature, GaussNewton):
+    first = jax.tree_util.tree_map(lambda x: x[: min(bs, x.shape[0])], train_data)
+    gap = gauss_newton_gap(inner.model, inner.w, first)
+  out = (value, val_loss, solve.residual, solve.iterations, grad_norm, stationarity,
+         solve.negative_curvature)  # fmt: skip
+  return out, gap
 
 
 def hypergradient(
-  train_loss_fn: Loss, val_loss_fn: Loss, params: Any, lam: Any, m: Any, mask: MaskSpec,
-  tol: float | None, maxiter: int,
-) -> tuple[Hypergradient, float]:  # fmt: skip
-  """`lam_hypergradient` without its warnings (`jaxl2.tune_lam` gathers them), and the tol used."""
-  c, scale, acc = problem(params, lam, m, mask, "lam_hypergradient")
-  tol = solve_tol(acc, tol, maxiter)
-  out = _program(
-    train_loss_fn, val_loss_fn, params, c, scale, lam_over_m(1.0, m, acc),
-    jnp.asarray(tol, acc), maxiter,
-  )  # fmt: skip
-  return Hypergradient(*(t(x) for t, x in zip(_TYPES, jax.device_get(out), strict=True))), tol
+  train: TrainStep,
+  state: TrainState,
+  train_data: Any,
+  val_data: Any,
+  *,
+  val_loss_fn: Callable[..., Any] | None,
+  val_batch_size: int | None,
+  **options: Any,
+) -> tuple[Hypergradient, float]:
+  """`lam_hypergradient` without its warnings (`jaxl2.tune_lam` gathers them), and the tol used.
+
+  ``options`` are `jaxl2._lam_setup.prepare`'s.
+  """
+  setup, numbers, tol = prepare("lam_hypergradient", train, state, train_data, **options)
+  val_loss_fn = check_loss_fn(val_loss_fn, train)
+  n_val = n_examples(val_data, "val_data")
+  if val_batch_size is None:
+    val_batch_size = min(setup.batch_size, n_val)
+  val_batch_size = check_batch_size(val_batch_size, n_val, "val_batch_size")
+  model = (state.params, state.model_state, state.static)
+  out, gap = jax.device_get(
+    _program(setup, val_loss_fn, val_batch_size, model, train_data, val_data, numbers)
+  )
+  if float(gap) > _GAP:
+    raise ValueError(
+      f"`curvature=jaxl2.GaussNewton(outputs_fn, output_loss)` does not match the model's "
+      f"loss: output_loss(outputs_fn(...)) differs from `loss_fn` in evaluation mode by "
+      f"{float(gap):.3g} (relative) on the first batch. The outputs and their loss must be the "
+      "ones `loss_fn` computes."
+    )
+  values = (t(x) for t, x in zip(_TYPES, out, strict=True))
+  curvature = "gauss_newton" if isinstance(setup.curvature, GaussNewton) else setup.curvature
+  damping = float(numbers.damping)
+  return Hypergradient(*values, curvature=curvature, damping=damping), tol
 
 
 def lam_hypergradient(
-  train_loss_fn: Loss,
-  val_loss_fn: Loss,
-  params: Any,
-  lam: Any,
-  m: Any,
+  train: TrainStep,
+  state: TrainState,
+  train_data: Any,
+  val_data: Any,
   *,
-  mask: MaskSpec = None,
+  batch_size: int | None = None,
+  val_batch_size: int | None = None,
+  val_loss_fn: Callable[..., Any] | None = None,
+  curvature: str | GaussNewton = "auto",
+  damping: float | None = None,
+  precondition: int = PRECONDITION,
   tol: float | None = None,
   maxiter: int = MAXITER,
   grad_rtol: float = 1e-2,
+  seed: int = 0,
 ) -> Hypergradient:
-  r"""dV(W*(λ))/dλ = −∇V(W*)ᵀ·H⁻¹·(c⊙W*)/m at trained params W*, by implicit differentiation.
+  r"""dV(W*(λ))/dλ = −∇V(W*)ᵀ·A⁻¹·(c⊙W*)/m at trained params W*, by implicit differentiation.
 
-  H = ∇²(L + (λ/2m)·Σ c‖W‖²) at W*, L = ``train_loss_fn``, V = ``val_loss_fn``,
-  c the mask's multipliers (0 on unpenalized leaves). H·v = ∇V is solved by
-  conjugate gradients (jaxl2's own loop, on Hessian-vector products, from
-  v = 0) until the relative residual ≤ ``tol`` or ``maxiter`` iterations, or
-  until a direction of non-positive curvature stops it. The program is compiled
-  once per pair of loss function objects and params structure (define the
-  losses once: a fresh ``lambda`` per call compiles per call); the diagnostics
-  are read back to warn, so call it eagerly, not under `jax.jit`.
+  A = C + (λ/m)·diag(c) + damping·I, with C the curvature of the mean training
+  loss L at W* (the Gauss-Newton matrix by default for a loss of outputs, else
+  the Hessian ∇²L; see ``curvature``), c the mask's multipliers (0 on
+  unpenalized leaves), V the mean validation loss. With C = ∇²L and no damping
+  A is the Hessian of ``L + l2_penalty`` and the value is exact at a strict
+  minimum; the Gauss-Newton matrix is the same for a model linear in its
+  params and an approximation that stays positive semi-definite on networks.
+
+  The model is taken as `jaxl2.make_train_step` takes it: its `TrainStep`
+  ``train`` (simple form, general form, NNX or Equinox module; its ``m`` and
+  ``mask``) and a `TrainState` ``state`` at W* (its params, model state and
+  λ). The data are arguments, in the batches ``train`` steps on (simple form:
+  ``(inputs, targets)``; general form: any pytree with a leading example
+  axis; NNX arrays, or global `jax.Array` s spanning several processes).
+  Every loss, gradient and curvature product is a mean over the *whole* set,
+  ``batch_size`` examples at a time (batch b holds examples b, b + k, …; the
+  remainder is one more batch), in evaluation mode: ``key=None``, no dropout,
+  running statistics. A·v = ∇V is solved by conjugate gradients from v = 0,
+  preconditioned by diag(A)⁻¹ estimated from ``precondition`` Rademacher
+  probes, until the relative residual ≤ ``tol`` or ``maxiter`` iterations, or
+  until a direction of non-positive curvature stops it.
+
+  Compiled once per ``train`` object, option set and data shapes; the
+  diagnostics are read back to warn, so call it eagerly, not under `jax.jit`.
 
   Args:
-    train_loss_fn: ``train_loss_fn(params) -> scalar``, the *mean* data loss
-      over the whole training set (no penalty: it is added here).
-    val_loss_fn: ``val_loss_fn(params) -> scalar``, the validation loss.
-    params: W*, trained at this λ; a pytree of real floating arrays.
-    lam, m, mask: as for `jaxl2.l2_penalty` (λ ≥ 0, m the training-set size).
+    train: the `jaxl2.TrainStep` the model trains with.
+    state: its `jaxl2.TrainState` at W*, trained at λ = ``state.lam``.
+    train_data, val_data: the training and validation sets (pytrees).
+    batch_size: examples per batch over ``train_data`` (default: all at once).
+    val_batch_size: the same over ``val_data`` (default: ``batch_size``, or all).
+    val_loss_fn: the validation loss, in the form of ``train``'s ``loss_fn``;
+      default: that ``loss_fn`` itself.
+    curvature: ``"auto"`` (``"gauss_newton"`` in the simple form, else
+      ``"hessian"``), ``"gauss_newton"``, ``"hessian"``, or a
+      `jaxl2.GaussNewton` for the general form.
+    damping: δ ≥ 0 added to the curvature's diagonal (δ·I): for a Hessian that
+      is indefinite, at the price of a bias.
+    precondition: probes for the Jacobi preconditioner (0: plain CG).
     tol: CG's relative residual target; default 1e-10 (float64), 1e-5 (float32).
-    maxiter: cap on CG iterations (Hessian-vector products).
+    maxiter: cap on CG iterations.
     grad_rtol: warn when ``stationarity`` (‖∇(L + penalty)‖ / ‖(λ/m)·c⊙W*‖) exceeds it.
+    seed: seed of the preconditioner's probes.
 
   Returns:
-    A `Hypergradient` with the value, the validation loss and the solve's diagnostics.
+    A `Hypergradient` with the value, the validation loss, the solve's
+    diagnostics and the curvature used.
 
   Raises:
-    TypeError: a leaf that is not a real floating array.
-    ValueError: ``lam``/``m``/``mask`` as `jaxl2.l2_penalty`; ``maxiter`` < 1.
+    TypeError: ``train``/``state`` not a TrainStep/TrainState; a params leaf that
+      is not real floating.
+    ValueError: λ, ``m`` or ``mask`` as `jaxl2.l2_penalty`; data whose leaves
+      disagree on the example axis; a bad batch size, ``curvature``,
+      ``damping`` or ``maxiter``; a `GaussNewton` that does not match ``loss_fn``.
 
   Warns:
     RuntimeWarning: W* is not stationary, the solve met non-positive curvature,
       or the residual stayed above ``tol``.
 
   Example:
-    >>> import jax.numpy as jnp, jaxl2
+    >>> import jax.numpy as jnp, optax, jaxl2
     >>> x, y = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]), jnp.arange(4.0)
     >>> lam, m = 2.0, 4  # (1/m)·‖y − Xw‖² + (λ/2m)·‖w‖²: w* = (XᵀX + λ/2·I)⁻¹·Xᵀy
-    >>> w = jnp.linalg.solve(x.T @ x + lam / 2 * jnp.eye(2), x.T @ y)
-    >>> hg = jaxl2.lam_hypergradient(
-    ...   lambda p: jnp.mean((x @ p["w"] - y) ** 2), lambda p: jnp.mean((x @ p["w"] - 1.0) ** 2),
-    ...   {"w": w}, lam, m, mask=jaxl2.all_floating)
-    >>> round(hg.value, 4), hg.iterations  # ∇V·dw*/dλ = ∇V·(−½(XᵀX + λ/2·I)⁻¹·w*), XᵀX = 3·I
-    (-0.0586, 1)
+    >>> train = jaxl2.make_train_step(lambda p, x: x @ p["w"], lambda o, y: jnp.mean((o - y) ** 2),
+    ...   optax.sgd(0.1), lam=lam, m=m, mask=jaxl2.all_floating)
+    >>> state = train.init({"w": jnp.linalg.solve(x.T @ x + lam / 2 * jnp.eye(2), x.T @ y)})
+    >>> hg = jaxl2.lam_hypergradient(train, state, (x, y), (x, jnp.ones(4)), damping=0.0)
+    >>> round(hg.value, 4), hg.curvature  # ∇V·(−½(XᵀX + λ/2·I)⁻¹·w*), XᵀX = 3·I
+    (-0.0586, 'gauss_newton')
+
+    ``damping=0.0`` gives the exact derivative; the default, 1% of λ/m, keeps
+    the solve well-conditioned on networks and moves this value by 0.3%.
   """
-  r, tol = hypergradient(train_loss_fn, val_loss_fn, params, lam, m, mask, tol, maxiter)
-  found = troubles(r.residual, tol, r.negative_curvature, r.stationarity, grad_rtol)
-  warn_troubles("lam_hypergradient", lam, found)
+  r, used = hypergradient(
+    train, state, train_data, val_data, batch_size=batch_size, val_batch_size=val_batch_size,
+    val_loss_fn=val_loss_fn, curvature=curvature, damping=damping, tol=tol, maxiter=maxiter,
+    precondition=precondition, seed=seed,
+  )  # fmt: skip
+  found = troubles(
+    r.residual, used, r.negative_curvature, r.stationarity, grad_rtol, curvature=r.curvature
+  )
+  warn_troubles("lam_hypergradient", float(jax.device_get(state.lam)), found)
   return r

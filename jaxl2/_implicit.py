@@ -1,4 +1,4 @@
-r"""Implicit differentiation at trained params: the machinery behind choosing λ without a grid.
+r"""Implicit differentiation at trained params: the linear algebra behind choosing λ without a grid.
 
 At a trained W*(λ) the regularized objective is stationary, ∇L(W*) + (λ/m)·c⊙W* = 0
 (L the mean training loss, c the mask's multipliers, 0 on unpenalized entries).
@@ -8,12 +8,11 @@ loss V
 
     dV(W*(λ))/dλ = −∇V(W*)ᵀ · H⁻¹ · (c⊙W*) / m.
 
-H is never formed: conjugate gradients run on Hessian-vector products (the
-gradient of L linearized once at W*, forward over reverse), so one solve costs
-a few dozen gradient-sized passes whatever the number of parameters. The params
-are handled as one flat vector in the accumulation dtype (float32, float64 when
-a leaf is float64). `jaxl2.lam_hypergradient` and `jaxl2.effective_params` are
-built from these pieces; this module also says when their results are unreliable.
+H is never formed: preconditioned conjugate gradients run on curvature-vector
+products (`jaxl2._curvature`), so one solve costs a few dozen passes over the
+data whatever the number of parameters. Vectors are pytrees shaped like the
+params, in the accumulation dtype (float32, float64 when a leaf is float64),
+so sharded params stay sharded: nothing is concatenated or gathered.
 """
 
 from __future__ import annotations
@@ -25,94 +24,58 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxl2._checks import check_count, check_lam, check_m
-from jaxl2._dtypes import accumulation_dtype
+from jaxl2._checks import check_count
 from jaxl2._masks import MaskSpec, resolve
-from jaxl2._setup import lam_over_m
 
 __all__ = [
   "MAXITER",
-  "Flat",
-  "Loss",
-  "problem",
-  "regularized_hvp",
+  "Solve",
+  "axpy",
+  "leaf_multipliers",
   "solve_cg",
   "solve_tol",
   "troubles",
+  "vdot",
   "warn_troubles",
 ]
 
-Loss = Callable[[Any], jax.Array]
 MAXITER = 1000  # the default cap on conjugate-gradient iterations
+Tree = Any
+MatVec = Callable[[Tree], Tree]
 
 
-class Flat(NamedTuple):
-  """Params as one vector in ``acc``: its treedef, shapes and dtypes (static under jit)."""
-
-  treedef: Any
-  shapes: tuple[tuple[int, ...], ...]
-  dtypes: tuple[Any, ...]
-  acc: Any
-
-  @classmethod
-  def of(cls, params: Any) -> Flat:
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    dtypes = tuple(jnp.dtype(x.dtype) for x in leaves)
-    shapes = tuple(tuple(x.shape) for x in leaves)
-    return cls(treedef, shapes, dtypes, accumulation_dtype(leaves))
-
-  def ravel(self, params: Any) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(params)
-    return jnp.concatenate([jnp.ravel(x).astype(self.acc) for x in leaves])
-
-  def unravel(self, vector: jax.Array) -> Any:
-    sizes = [math.prod(s) for s in self.shapes]
-    parts = jnp.split(vector, np.cumsum(sizes)[:-1])
-    leaves = [
-      p.reshape(s).astype(d) for p, s, d in zip(parts, self.shapes, self.dtypes, strict=True)
-    ]
-    return jax.tree_util.tree_unflatten(self.treedef, leaves)
+def vdot(a: Tree, b: Tree) -> jax.Array:
+  """Σ over leaves of ⟨a, b⟩."""
+  pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+  parts = [jnp.vdot(x, y) for x, y in pairs]
+  return sum(parts[1:], parts[0])
 
 
-def multipliers(params: Any, mask: MaskSpec, name: str) -> np.ndarray:
-  """The mask's multiplier for every entry of the flat params (0 where unpenalized)."""
+def axpy(alpha: Any, x: Tree, y: Tree) -> Tree:
+  """α·x + y, leaf by leaf."""
+  return jax.tree_util.tree_map(lambda a, b: alpha * a + b, x, y)
+
+
+def leaf_multipliers(params: Any, mask: MaskSpec, name: str) -> list[float]:
+  """The mask's multiplier of every leaf of ``params`` (0.0 where unpenalized).
+
+  Raises:
+    TypeError: a leaf that is not a real floating array: every leaf is
+      differentiated, penalized or not.
+  """
   selection = resolve(params, mask)
   for leaf in selection.leaves:
     dtype = getattr(leaf.value, "dtype", None)
-    # Real floating only, not `is_inexact`: W* is differentiated as one real vector, and a
-    # complex leaf would need its real and imaginary parts as two real parameters (`Flat`'s
-    # cast to ``acc`` would drop the imaginary part).
+    # Real floating only, not `is_inexact`: a complex leaf would need its real and
+    # imaginary parts as two real parameters of W*.
     if leaf.not_array or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
-        f"`{name}` differentiates with respect to every leaf of `params`, so each must be a "
+        f"`{name}` differentiates with respect to every leaf of the params, so each must be a "
         f"real floating array; the leaf at {leaf.path!r} is {getattr(dtype, 'name', leaf.value)!r}."
-        " Pass only the trainable floating params and close over the rest in the losses."
+        " Keep other arrays out of the params (in the model state, or the model's static part)."
       )
-  sizes = [int(np.size(leaf.value)) for leaf in selection.leaves]
-  return np.repeat(np.asarray(selection.multipliers, np.float64), sizes)
-
-
-class Problem(NamedTuple):
-  """The checked arguments of a solve at W*, in the accumulation dtype ``acc``."""
-
-  c: jax.Array  # the mask's multiplier for every entry of the flat params
-  scale: jax.Array  # λ/m
-  acc: Any
-
-
-def problem(params: Any, lam: Any, m: Any, mask: MaskSpec, name: str) -> Problem:
-  """Checks λ, m and the params (for the function called ``name``) and resolves the mask.
-
-  Not `jaxl2._setup.setup`: every leaf is differentiated here, penalized or not, so
-  the accumulation dtype is that of all the leaves, not only of the selected ones.
-  """
-  check_lam(lam)
-  check_m(m)
-  c = multipliers(params, mask, name)
-  acc = Flat.of(params).acc
-  return Problem(jnp.asarray(c, acc), lam_over_m(lam, m, acc), acc)
+  return [float(c) for c in selection.multipliers]
 
 
 def solve_tol(acc: Any, tol: float | None, maxiter: Any) -> float:
@@ -121,55 +84,54 @@ def solve_tol(acc: Any, tol: float | None, maxiter: Any) -> float:
   return float(tol) if tol is not None else 1e-10 if jnp.dtype(acc) == jnp.float64 else 1e-5
 
 
-def regularized_hvp(
-  loss: Loss, flat: Flat, w: jax.Array, c: jax.Array, scale: jax.Array
-) -> tuple[jax.Array, Callable[[jax.Array], jax.Array], Callable[[jax.Array], jax.Array]]:
-  """∇L at w, v ↦ H_d·v and v ↦ (H_d + scale·diag(c))·v, H_d = ∇²L at w.
-
-  The gradient is linearized once, so each product is one tangent pass.
-  """
-  data_grad, hessian_data = jax.linearize(jax.grad(lambda v: loss(flat.unravel(v))), w)
-  return data_grad, hessian_data, lambda v: hessian_data(v) + scale * c * v
-
-
 class Solve(NamedTuple):
   """`solve_cg`'s x, its relative residual, iterations and whether it met pᵀAp ≤ 0."""
 
-  x: jax.Array
+  x: Tree
   residual: jax.Array
   iterations: jax.Array
   negative_curvature: jax.Array
 
 
 def solve_cg(
-  matvec: Callable[[jax.Array], jax.Array], b: jax.Array, tol: Any, maxiter: int
+  matvec: MatVec, b: Tree, tol: Any, maxiter: int, precondition: MatVec | None = None
 ) -> Solve:
-  """Conjugate gradients for A·x = b from x = 0 (A symmetric), our own loop so that it can stop.
+  """Preconditioned conjugate gradients for A·x = b from x = 0 (A symmetric); our own loop.
 
-  Stops at ‖r‖ ≤ tol·‖b‖ (the recursive residual), after ``maxiter`` iterations,
-  or at the first direction with pᵀAp ≤ 0, where A is not positive definite and
-  CG has no minimum to descend to (x is kept as it was). The residual returned
-  is recomputed from x, ‖b − A·x‖ / ‖b‖.
+  ``precondition``, when given, applies M⁻¹ (symmetric positive definite, M ≈ A;
+  `jaxl2._nystrom`). Stops at ‖r‖ ≤ tol·‖b‖ (the recursive
+  residual), after ``maxiter`` iterations, or at the first direction with
+  pᵀAp ≤ 0, where A is not positive definite and CG has no minimum to descend
+  to (x is kept as it was). The residual returned is recomputed from x,
+  ‖b − A·x‖ / ‖b‖.
   """
-  b_norm = jnp.linalg.norm(b)
 
-  def cond(s: tuple[jax.Array, ...]) -> jax.Array:
-    _, _, _, rs, k, negative = s
-    return (jnp.sqrt(rs) > tol * b_norm) & (k < maxiter) & ~negative
+  if precondition is None:
+    precondition = lambda r: r  # noqa: E731
 
-  def body(s: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    x, r, p, rs, k, _ = s
+  b_norm = jnp.sqrt(vdot(b, b))
+
+  def cond(s: tuple[Any, ...]) -> jax.Array:
+    _, r, _, _, k, negative = s
+    return (jnp.sqrt(vdot(r, r)) > tol * b_norm) & (k < maxiter) & ~negative
+
+  def body(s: tuple[Any, ...]) -> tuple[Any, ...]:
+    x, r, p, rz, k, _ = s
     ap = matvec(p)
-    curvature = jnp.vdot(p, ap)
+    curvature = vdot(p, ap)
     negative = curvature <= 0
-    alpha = jnp.where(negative, 0.0, rs / jnp.where(negative, 1.0, curvature))
-    x, r = x + alpha * p, r - alpha * ap
-    rs_new = jnp.vdot(r, r)
-    return x, r, r + (rs_new / rs) * p, rs_new, k + 1, negative
+    alpha = jnp.where(negative, 0.0, rz / jnp.where(negative, 1.0, curvature))
+    x, r = axpy(alpha, p, x), axpy(-alpha, ap, r)
+    z = precondition(r)
+    rz_new = vdot(r, z)
+    return x, r, axpy(rz_new / jnp.where(rz == 0, 1.0, rz), p, z), rz_new, k + 1, negative
 
-  init = (jnp.zeros_like(b), b, b, jnp.vdot(b, b), jnp.int32(0), jnp.bool_(False))
+  z = precondition(b)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, b)
+  init = (zeros, b, z, vdot(b, z), jnp.int32(0), jnp.bool_(False))
   x, _, _, _, k, negative = jax.lax.while_loop(cond, body, init)
-  residual = jnp.linalg.norm(b - matvec(x)) / jnp.where(b_norm > 0, b_norm, 1.0)
+  r = axpy(-1.0, matvec(x), b)
+  residual = jnp.sqrt(vdot(r, r)) / jnp.where(b_norm > 0, b_norm, 1.0)
   return Solve(x, residual, k, negative)
 
 
@@ -179,6 +141,7 @@ def troubles(
   negative: bool,
   stationarity: float = 0.0,
   grad_rtol: float = math.inf,
+  curvature: str = "hessian",
 ) -> list[str]:
   """Why a result is unreliable, one sentence each; empty when it is not.
 
@@ -193,15 +156,20 @@ def troubles(
       f"{grad_rtol:g}) and the hypergradient assumes trained W*(λ). Train longer at this λ."
     )
   if negative:
+    fix = (
+      ' Use `curvature="gauss_newton"` (positive semi-definite), or a `damping` > 0.'
+      if curvature == "hessian"
+      else " Raise `damping`."
+    )
     out.append(
-      "H = ∇²(train_loss + l2_penalty) is not positive definite along the conjugate-gradient "
-      "solve (a direction with pᵀHp ≤ 0): the params are not at a strict minimum. Train to a "
-      "minimum, or raise λ."
+      f"the curvature ({curvature}) + penalty is not positive definite along the "
+      f"conjugate-gradient solve (a direction with pᵀAp ≤ 0): the params are not at a strict "
+      f"minimum.{fix}"
     )
   elif not residual <= 10 * tol:
     out.append(
       f"conjugate gradients stopped at relative residual {residual:.3g}, above `tol`={tol:g} "
-      "(H is ill-conditioned). Raise `maxiter`, or raise λ."
+      "(the system is ill-conditioned). Raise `maxiter`, raise λ, or add `damping`."
     )
   return out
 

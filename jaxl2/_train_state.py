@@ -21,9 +21,9 @@ import optax
 from jaxl2._checks import check_lam
 from jaxl2._masks import MaskSpec
 from jaxl2._metrics import Metrics, regularized_loss
-from jaxl2._models import Static
+from jaxl2._models import Static, bind
 
-__all__ = ["LossOf", "StepFn", "TrainState", "as_lam", "eval_fn", "simple_loss", "step_fn"]
+__all__ = ["LossOf", "StepFn", "TrainState", "as_lam", "eval_fn", "model_loss", "step_fn"]
 
 ModelLoss = Callable[[Any, Any, Any, Any], tuple[jax.Array, tuple[Any, Metrics]]]
 # The model loss for a state's static part (`jaxl2._models.bind` with the user's loss).
@@ -82,6 +82,17 @@ def simple_loss(apply_fn: Callable[[Any, Any], Any], loss_fn: Callable[..., Any]
     return loss_fn(apply_fn(params, inputs), targets), (model_state, {})
 
   return loss
+
+
+def model_loss(apply_fn: Callable[[Any, Any], Any] | None, loss_fn: Callable[..., Any]) -> LossOf:
+  """The general-form loss for a state's static part: ``apply_fn`` None is the general form.
+
+  The simple form has no static part: ``loss_fn(apply_fn(params, inputs), targets)``.
+  """
+  if apply_fn is not None:
+    simple = simple_loss(apply_fn, loss_fn)
+    return lambda static: simple
+  return lambda static: bind(loss_fn, static)
 
 
 def step_fn(loss_of: LossOf, optimizer: Any, m: Any, mask: MaskSpec) -> StepFn:

@@ -25,9 +25,9 @@ from jaxl2._checks import check_callable, check_lam, check_m, check_optimizer
 from jaxl2._dtypes import accumulation_dtype
 from jaxl2._masks import MaskSpec, resolve
 from jaxl2._metrics import Metrics, accuracy, output_metrics
-from jaxl2._models import bind, split_model
+from jaxl2._models import split_model
 from jaxl2._placement import ShardingSpec, check_sharding_spec, place, place_like, settle
-from jaxl2._train_state import LossOf, StepFn, TrainState, as_lam, eval_fn, simple_loss, step_fn
+from jaxl2._train_state import StepFn, TrainState, as_lam, eval_fn, model_loss, step_fn
 
 __all__ = ["TrainState", "TrainStep", "make_eval_step", "make_train_step"]
 
@@ -174,14 +174,6 @@ def _compiled(step: StepFn, batch_sharding: ShardingSpec) -> StepFn:
   return call
 
 
-def _loss_of(apply_fn: ApplyFn | None, loss_fn: Callable[..., Any]) -> LossOf:
-  """The model loss for a state's static part: the simple form has none."""
-  if apply_fn is not None:
-    simple = simple_loss(apply_fn, loss_fn)
-    return lambda static: simple
-  return lambda static: bind(loss_fn, static)
-
-
 def make_train_step(
   apply_fn: ApplyFn | None,
   loss_fn: Callable[..., Any],
@@ -286,7 +278,7 @@ def make_train_step(
   check_sharding_spec(param_sharding, "param_sharding", "params")
   check_sharding_spec(batch_sharding, "batch_sharding", "batch")
   general = apply_fn is None
-  loss_of = _loss_of(apply_fn, loss_fn)
+  loss_of = model_loss(apply_fn, loss_fn)
   step = step_fn(loss_of, optimizer, m, mask)
   init = _init_fn(general, optimizer, lam=float(lam), mask=mask, param_sharding=param_sharding)
   return TrainStep(

@@ -1,8 +1,11 @@
 r"""`tune_lam`: descent on log λ with implicit hypergradients, retraining warm between steps.
 
-Each λ is trained with jaxl2's own training step (`jaxl2.make_train_step`, its
-general form), then `jaxl2.lam_hypergradient`'s dV/dλ moves log λ by a
-safeguarded secant step (`_Search`).
+Each λ is trained with the model's own `jaxl2.TrainStep` on shuffled minibatches
+(`jaxl2._minibatch`), then `jaxl2.lam_hypergradient`'s dV/dλ moves log λ by a
+safeguarded secant step (`jaxl2._tune_search`). A λ whose training diverges is
+retrained from the last finite state, and skipped if it diverges again; the
+search stays within bounds; a checkpoint after each λ lets a preempted search
+resume where it was, to the same result.
 """
 
 from __future__ import annotations
@@ -10,98 +13,83 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-import optax
 
+from jaxl2._batches import check_batch_size, n_examples
+from jaxl2._checkpoint import Checkpointer, check_checkpoint_dir
 from jaxl2._checks import check_count, check_lam
-from jaxl2._hypergradient import hypergradient
-from jaxl2._implicit import MAXITER, Loss, troubles
-from jaxl2._masks import MaskSpec
-from jaxl2._training import TrainState, make_train_step
+from jaxl2._curvature import GaussNewton
+from jaxl2._hypergradient import PRECONDITION
+from jaxl2._implicit import MAXITER
+from jaxl2._lam_setup import check_model
+from jaxl2._train_state import TrainState
+from jaxl2._training import TrainStep
+from jaxl2._tune_run import Tuner, TuneResult, TuneStep, copy_state, reason_at_stop
+from jaxl2._tune_search import Search
 
 __all__ = ["TuneResult", "TuneStep", "tune_lam"]
 
 
-class TuneStep(NamedTuple):
-  """One λ that `tune_lam` tried, after training at it."""
-
-  lam: float
-  val_loss: float
-  hypergradient: float
-  stationarity: float
-  residual: float
-
-
-class TuneResult(NamedTuple):
-  """`tune_lam`: λ* (the λ of the path with the lowest validation loss), its validation
-  loss and trained params, every λ tried in order, and whether a step below ``rtol``
-  (rather than ``max_iter``) ended the search."""
-
-  lam: float
-  val_loss: float
-  params: Any
-  path: tuple[TuneStep, ...]
-  converged: bool
-
-
-class _Search:
-  """The next log λ from g = dV/d log λ: the safeguarded secant step `tune_lam` describes."""
-
-  def __init__(self, max_step: float) -> None:
-    self.max_step, self.lo, self.hi = max_step, -math.inf, math.inf
-    self.last: tuple[float, float] | None = None
-
-  def step(self, u: float, g: float) -> float:
-    if g < 0:  # V falls as λ grows: the minimum is above u
-      self.lo, self.hi = (u, self.hi) if u < self.hi else (u, math.inf)
-    elif g > 0:  # a bracket the noise of training contradicts is dropped
-      self.lo, self.hi = (self.lo, u) if u > self.lo else (-math.inf, u)
-    slope = math.nan
-    if self.last is not None and self.last[0] != u:
-      slope = (g - self.last[1]) / (u - self.last[0])
-    self.last = (u, g)
-    step = -g / slope if slope > 0 else -math.copysign(self.max_step, g) * (g != 0)
-    new = u + min(max(step, -self.max_step), self.max_step)
-    if math.isfinite(self.lo + self.hi) and not self.lo < new < self.hi:
-      new = (self.lo + self.hi) / 2
-    return new - u
-
-
-def _check_options(lam0: Any, train_steps: Any, max_iter: Any, max_step: Any, rtol: Any) -> None:
-  check_lam(lam0, "lam0")
-  if not float(lam0) > 0:
-    raise ValueError(f"`lam0` must be > 0 (the search is on log λ); got {lam0!r}. Try 1e-3.")
-  check_count(train_steps, "train_steps")
-  check_count(max_iter, "max_iter")
+def _check_options(
+  lam0: Any, bounds: Any, counts: dict[str, Any], max_step: Any, rtol: Any
+) -> None:
+  for name, value in counts.items():
+    check_count(value, name)
   for name, value in (("max_step", max_step), ("rtol", rtol)):
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
       raise ValueError(f"`{name}` must be a finite number > 0; got {value!r}.")
+  if not (isinstance(bounds, tuple) and len(bounds) == 2 and 0 < bounds[0] < bounds[1] < math.inf):
+    raise ValueError(
+      f"`lam_bounds` must be a tuple (λ_min, λ_max) with 0 < λ_min < λ_max < inf (the search is "
+      f"on log λ); got {bounds!r}."
+    )
+  check_lam(lam0, "lam0")
+  if not bounds[0] <= float(lam0) <= bounds[1]:
+    raise ValueError(
+      f"`lam0` must lie within `lam_bounds` {bounds} (and be > 0: the search is on log λ); got "
+      f"{lam0!r}. Pass `lam0=`, or set the state's λ with `train.set_lam(state, lam)`."
+    )
 
 
-def _trainer(
-  train_loss_fn: Loss, optimizer: Any, lam0: Any, m: Any, mask: MaskSpec, steps: int
-) -> tuple[Callable[[Any], TrainState], Callable[[TrainState, float], TrainState]]:
-  """The state's ``init``, and ``fit(state, lam)``: ``steps`` steps at λ from ``state``.
+def _search(
+  tuner: Tuner, ckpt: Checkpointer | None, state: TrainState, anchor: TrainState,
+  u: float, search: Search, it0: int,
+) -> tuple[bool, str]:  # fmt: skip
+  """The loop from iteration ``it0``: train, measure, step; returns (converged, reason)."""
+  opts = tuner.opts
+  for it in range(it0, opts["max_iter"]):
+    lam = math.exp(u)
+    steps = opts["train_steps"] if it == 0 else opts["retrain_steps"]
+    state, finite = tuner.fit(state, lam, steps)
+    if not finite:  # once more, from the last finite state
+      state, finite = tuner.fit(copy_state(anchor), lam, steps)
+    if not finite:
+      nan = math.nan
+      tuner.record(TuneStep(lam, math.inf, nan, nan, nan, False, True), None)
+      state, du = copy_state(anchor), search.away(u)
+      if du == 0:
+        return False, "training diverged at every λ the bounds allow"
+    else:
+      anchor = copy_state(state)
+      step, found = tuner.measure(state, lam)
+      tuner.record(step, state)
+      tuner.found += [(lam, t) for t in found[:1]]
+      du = search.step(u, lam * step.hypergradient)  # dV/d log λ = λ·dV/dλ
+      if abs(du) < opts["rtol"]:
+        converged, reason = reason_at_stop(tuner, search, found, lam)
+        tuner.save(
+          ckpt, it + 1, {"state": state, "anchor": anchor}, _done(u, search, reason, converged)
+        )
+        return converged, reason
+    u += du
+    tuner.save(ckpt, it + 1, {"state": state, "anchor": anchor}, _done(u, search, None, False))
+  return False, f"stopped after `max_iter`={opts['max_iter']} λ values"
 
-  Only the training step's public surface: ``init``, ``set_lam`` and the
-  compiled call, which donates the state it is given (keep no reference into it).
-  """
 
-  def loss(p: Any, model_state: Any, batch: Any, key: Any) -> tuple[jax.Array, tuple[Any, dict]]:
-    return train_loss_fn(p), (model_state, {})
-
-  train = make_train_step(None, loss, optimizer, lam=lam0, m=m, mask=mask)
-
-  def fit(state: TrainState, lam: float) -> TrainState:
-    state = train.set_lam(state, lam)
-    for _ in range(steps):
-      state, _ = train(state, None)
-    return state
-
-  return train.init, fit
+def _done(u: float, search: Search, reason: str | None, converged: bool) -> dict[str, Any]:
+  return {"u": u, "search": search.as_dict(), "reason": reason, "converged": converged}
 
 
 def _warn_approximate(found: list[tuple[float, str]], tried: int) -> None:
@@ -115,93 +103,166 @@ def _warn_approximate(found: list[tuple[float, str]], tried: int) -> None:
     )
 
 
+def _fingerprint(train: TrainStep, state: TrainState, data: tuple[Any, Any], opts: dict) -> dict:
+  """What identifies a search, for its checkpoints (JSON-able)."""
+  shapes = [list(x.shape) for x in jax.tree_util.tree_leaves(state.params)]
+  curvature = opts["hyper"]["curvature"]
+  return {
+    "lam0": opts["lam0"], "lam_bounds": list(opts["lam_bounds"]), "m": float(train.m),
+    "params": shapes, "n_train": n_examples(data[0], "train_data"),
+    "n_val": n_examples(data[1], "val_data"),
+    "curvature": curvature if isinstance(curvature, str) else "GaussNewton",
+    **{k: opts[k] for k in ("train_steps", "retrain_steps", "batch_size", "seed", "max_iter",
+                            "max_step", "rtol")},
+  }  # fmt: skip
+
+
 def tune_lam(
-  train_loss_fn: Loss,
-  val_loss_fn: Loss,
-  params: Any,
-  lam0: float,
-  m: Any,
+  train: TrainStep,
+  state: TrainState,
+  train_data: Any,
+  val_data: Any,
   *,
-  optimizer: optax.GradientTransformation,
   train_steps: int,
-  mask: MaskSpec = None,
+  retrain_steps: int | None = None,
+  batch_size: int | None = None,
+  eval_batch_size: int | None = None,
+  val_loss_fn: Callable[..., Any] | None = None,
+  lam0: float | None = None,
+  lam_bounds: tuple[float, float] = (1e-6, 1e6),
   max_iter: int = 20,
   max_step: float = 1.0,
   rtol: float = 1e-2,
+  curvature: str | GaussNewton = "auto",
+  damping: float | None = None,
+  precondition: int = PRECONDITION,
   tol: float | None = None,
   maxiter: int = MAXITER,
   grad_rtol: float = 1e-2,
+  seed: int = 0,
+  checkpoint_dir: Any = None,
 ) -> TuneResult:
   r"""Finds λ by descent on log λ with implicit hypergradients, retraining warm between steps.
 
-  From ``params``, each iteration trains ``train_steps`` steps of ``optimizer``
-  on ``train_loss_fn + l2_penalty`` at the current λ (jaxl2's training step,
-  `jaxl2.make_train_step` in its general form, one compiled step per call; the
-  params *and* the optimizer state carry over from the previous λ, so each
-  retraining starts from the previous W*), then takes
-  g = dV/d log λ = λ·`lam_hypergradient`. log λ moves by the safeguarded
-  secant step −g/h (h the slope between the last two g; a full ``max_step``
-  downhill when no positive slope is known; never more than ``max_step``; the
-  midpoint once the minimum is bracketed and a step would leave the bracket).
-  It stops when a step would change log λ by less than ``rtol`` (λ by a factor
-  within 1 ± rtol), or after ``max_iter`` trainings.
+  The model is taken as `jaxl2.make_train_step` takes it (its `TrainStep`
+  ``train`` and a `TrainState` ``state`` to start from) with the data as
+  arguments. Each iteration trains at the current λ with ``train``'s own step
+  (its optimizer and mask; dropout on) on minibatches of ``batch_size`` from
+  shuffled epochs of ``train_data`` (full batch by default): ``train_steps``
+  steps for the first λ, then ``retrain_steps`` warm-started from the
+  previous λ's params *and* optimizer state. Step g of the search takes
+  positions (g mod e)·b … (g mod e)·b + b − 1 of the permutation
+  ``jax.random.permutation(fold_in(key(seed), g // e), n)`` (e = n // b
+  batches per epoch), whatever λ it trains. Then
+  g = dV/d log λ = λ·`jaxl2.lam_hypergradient` (evaluation mode, summed over
+  the sets ``eval_batch_size`` examples at a time) moves log λ by the
+  safeguarded secant step −g/h (h the slope between the last two g; a full
+  ``max_step`` downhill when no positive slope is known; never more than
+  ``max_step``; the bracket's midpoint once the minimum is bracketed),
+  within ``lam_bounds``.
+
+  It stops when a step would change log λ by less than ``rtol``, when the step
+  is cut to nothing by a bound, or after ``max_iter`` trainings. A λ whose
+  training ends non-finite is trained again from the last finite state (or
+  ``state``); if that diverges too it is recorded as diverged (never chosen)
+  and log λ moves ``max_step`` down. λ* is the λ of the path with the lowest
+  finite validation loss.
+
+  With ``checkpoint_dir`` the search saves after each λ (orbax; the last two
+  checkpoints kept, a kill during a save leaves the previous one) and a call
+  with the same arguments resumes from the latest, ending bit-identical to an
+  uninterrupted run; a finished search returns its result at once.
 
   Args:
-    train_loss_fn, val_loss_fn: ``fn(params) -> scalar`` mean losses, as for
-      `lam_hypergradient` (full batch).
-    params: the starting params (trained or not: the first ``train_steps`` train them).
-    lam0: the first λ (> 0: the search is on log λ).
-    m, mask: as for `jaxl2.l2_penalty`.
-    optimizer: any `optax.GradientTransformation`; ``train_steps`` of it should
-      bring the params close to W*(λ) from a nearby λ's W*.
-    train_steps: training steps per λ.
+    train: the `jaxl2.TrainStep` to train with (any form).
+    state: where to start: ``train.init(...)``, trained or not (not donated).
+    train_data, val_data: the training and validation sets (pytrees).
+    train_steps: training steps at the first λ.
+    retrain_steps: steps at each later λ (default ``train_steps``).
+    batch_size: the training minibatch size (default: full batch).
+    eval_batch_size: batch size of the hypergradient's sums (default ``batch_size``).
+    val_loss_fn, curvature, damping, precondition, tol, maxiter, grad_rtol:
+      as for `jaxl2.lam_hypergradient`.
+    lam0: the first λ (default: ``state.lam``); > 0, within ``lam_bounds``.
+    lam_bounds: (λ_min, λ_max), 0 < λ_min < λ_max.
     max_iter: the most λ values tried (each one training and one hypergradient).
     max_step: the largest change of log λ in one step (1.0: a factor e).
     rtol: stop when |Δ log λ| < rtol.
-    tol, maxiter, grad_rtol: as `lam_hypergradient`.
+    seed: seed of the minibatch order (and the preconditioner's probes).
+    checkpoint_dir: a directory to save to and resume from; None: no checkpoints.
 
   Returns:
-    A `TuneResult`: λ* (the λ of the path with the lowest validation loss), its
-    validation loss, its params, the path and whether it converged.
+    A `TuneResult`: λ*, its validation loss, params and state, the path,
+    whether it converged and why it stopped.
 
   Raises:
-    ValueError: ``lam0`` not > 0, ``m``/``mask`` invalid, a bad count or step.
+    TypeError, ValueError: as `jaxl2.lam_hypergradient`; a bad count, step,
+      ``lam0`` or ``lam_bounds``; a ``checkpoint_dir`` of another search.
+    FloatingPointError: training diverged at every λ tried.
 
   Warns:
     RuntimeWarning: once, for the λ of the path where `lam_hypergradient` would
-      have warned (most often: training had not reached W*; raise ``train_steps``).
+      have warned (most often: training had not reached W*; raise the steps).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, jaxl2
     >>> x = jax.random.normal(jax.random.key(0), (40, 3)); w = jnp.array([1.0, -0.5, 0.2])
     >>> y = x @ w + jax.random.normal(jax.random.key(1), (40,))
-    >>> mse = lambda p, a, b: jnp.mean((a @ p["w"] - b) ** 2)
-    >>> result = jaxl2.tune_lam(
-    ...   lambda p: mse(p, x[:20], y[:20]), lambda p: mse(p, x[20:], y[20:]),
-    ...   {"w": jnp.zeros(3)}, 1.0, 20, optimizer=optax.sgd(0.2), train_steps=100,
+    >>> train = jaxl2.make_train_step(lambda p, x: x @ p["w"],
+    ...   lambda o, y: jnp.mean((o - y) ** 2), optax.sgd(0.2), lam=1.0, m=20,
     ...   mask=jaxl2.all_floating)
-    >>> result.converged, len(result.path) <= 20, result.val_loss <= result.path[0].val_loss
-    (True, True, True)
+    >>> result = jaxl2.tune_lam(train, train.init({"w": jnp.zeros(3)}), (x[:20], y[:20]),
+    ...   (x[20:], y[20:]), train_steps=100)
+    >>> result.converged, result.val_loss <= result.path[0].val_loss
+    (True, True)
   """
-  _check_options(lam0, train_steps, max_iter, max_step, rtol)
-  init, fit = _trainer(train_loss_fn, optimizer, lam0, m, mask, train_steps)
-  state, search, u = init(params), _Search(float(max_step)), math.log(float(lam0))
-  path: list[TuneStep] = []
-  best, found, converged = None, [], False
-  for _ in range(max_iter):
-    lam = math.exp(u)
-    state = fit(state, lam)
-    hg, used = hypergradient(train_loss_fn, val_loss_fn, state.params, lam, m, mask, tol, maxiter)
-    path.append(TuneStep(lam, hg.val_loss, hg.value, hg.stationarity, hg.residual))
-    trouble = troubles(hg.residual, used, hg.negative_curvature, hg.stationarity, grad_rtol)
-    found += [(lam, t) for t in trouble[:1]]
-    if best is None or hg.val_loss < best[0].val_loss:
-      # A copy: the next training step donates the state's buffers.
-      best = (path[-1], jax.tree_util.tree_map(jnp.copy, state.params))
-    step = search.step(u, lam * hg.value)  # dV/d log λ = λ·dV/dλ
-    converged = abs(step) < rtol
-    if converged:
-      break
-    u += step
-  _warn_approximate(found, len(path))
-  return TuneResult(best[0].lam, best[0].val_loss, best[1], tuple(path), converged)
+  check_model("tune_lam", train, state)
+  lam0 = float(jax.device_get(state.lam)) if lam0 is None else lam0
+  retrain_steps = train_steps if retrain_steps is None else retrain_steps
+  counts = {"train_steps": train_steps, "retrain_steps": retrain_steps, "max_iter": max_iter}
+  _check_options(lam0, lam_bounds, counts, max_step, rtol)
+  n = n_examples(train_data, "train_data")
+  batch_size = None if batch_size is None else check_batch_size(batch_size, n)
+  eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+  opts = {
+    **counts, "batch_size": batch_size, "seed": seed, "grad_rtol": grad_rtol, "lam0": float(lam0),
+    "lam_bounds": lam_bounds, "max_step": float(max_step), "rtol": float(rtol),
+    "hyper": {
+      "val_loss_fn": val_loss_fn, "val_batch_size": None, "batch_size": eval_batch_size,
+      "curvature": curvature, "damping": damping, "precondition": precondition, "tol": tol,
+      "maxiter": maxiter, "seed": seed,
+    },
+  }  # fmt: skip
+  data = (train_data, val_data)
+  tuner = Tuner(train, data, opts)
+  directory = check_checkpoint_dir(checkpoint_dir)
+  ckpt = None
+  if directory is not None:
+    ckpt = Checkpointer(
+      directory, what="tune_lam", fingerprint=_fingerprint(train, state, data, opts)
+    )
+  try:
+    converged, reason = _resume_or_start(tuner, ckpt, state)
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  _warn_approximate(tuner.found, len(tuner.path))
+  return tuner.result(converged, reason)
+
+
+def _resume_or_start(
+  tuner: Tuner, ckpt: Checkpointer | None, state: TrainState
+) -> tuple[bool, str]:
+  opts = tuner.opts
+  lo, hi = (math.log(b) for b in opts["lam_bounds"])
+  search = Search(opts["max_step"], lo, hi)
+  state = copy_state(state)  # the caller's state stays valid: training donates
+  saved = None if ckpt is None else ckpt.restore({"state": state, "anchor": state, "best": state})
+  if saved is None:
+    return _search(tuner, ckpt, state, copy_state(state), math.log(opts["lam0"]), search, 0)
+  arrays, meta = saved
+  tuner.load(arrays, meta)
+  search.load(meta["search"])
+  if meta["reason"] is not None:
+    return meta["converged"], meta["reason"]
+  return _search(tuner, ckpt, arrays["state"], arrays["anchor"], meta["u"], search, meta["it"])
