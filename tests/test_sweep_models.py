@@ -95,10 +95,11 @@ def test_modules_sweep_as_make_train_step_trains_them(form):
   ids=["equinox-activation", "nnx-attribute"],
 )
 def test_a_second_sweep_of_another_static_part_runs_that_model(loss_fn, first, second):
-  # Same shapes and functions, another activation or NNX attribute: the second sweep
-  # must train its own model, not reuse the first one's cached program.
+  # Same shapes, functions and optimizer object (so the program cache is consulted), another
+  # activation or NNX attribute: the second sweep must train its own model.
+  optimizer = optax.sgd(0.1)
   run = lambda init_fn: jaxl2.sweep(  # noqa: E731
-    init_fn, None, loss_fn, optax.sgd(0.1), BATCH, BATCH, lams=LAMS, steps=STEPS, seeds=SEEDS
+    init_fn, None, loss_fn, optimizer, BATCH, BATCH, lams=LAMS, steps=STEPS, seeds=SEEDS
   )
   a, b = run(first), run(second)
   assert not np.allclose(a.val_loss, b.val_loss, rtol=1e-3)
