@@ -121,10 +121,11 @@ def _layout(tree: Any) -> str:
 
 @jax.jit
 def _sums(tree: Any) -> list[jax.Array]:
-  """Σx and Σx² of every numeric leaf, in float32 (PRNG keys skipped)."""
+  """Σx and Σx² of every numeric leaf (|x| if complex), in float32 (PRNG keys skipped)."""
   out = []
   for x in jax.tree_util.tree_leaves(tree):
     if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jnp.abs(x) if jnp.iscomplexobj(x) else x
       x = jnp.asarray(x, jnp.float32)
       out.append(jnp.stack([jnp.sum(x), jnp.sum(x * x)]))
   return out
