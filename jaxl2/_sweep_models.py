@@ -33,7 +33,7 @@ import numpy as np
 from jaxl2._train_state import TrainState
 from jaxl2._training import TrainStep
 
-__all__ = ["ORDER", "fold_indices", "grid", "models", "order_key", "seed_states"]
+__all__ = ["fold_indices", "grid", "models", "seed_states"]
 
 # Folded into key(seed) (plus the fold) for the minibatch order: above every
 # int32 step number, so it never meets a dropout key fold_in(key(seed), step).

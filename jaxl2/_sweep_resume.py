@@ -33,7 +33,7 @@ from jaxl2._checkpoint import Checkpointer
 from jaxl2._metrics import Metrics
 from jaxl2._sweep_program import Programs
 
-__all__ = ["DEFAULT_CHUNK", "MIN_INTERVAL_S", "SAVE_RATIO", "fingerprint", "run_resumable"]
+__all__ = ["fingerprint", "run_resumable"]
 
 DEFAULT_CHUNK = 100
 MIN_INTERVAL_S = 10.0
