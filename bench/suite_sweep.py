@@ -1,4 +1,4 @@
-"""Sweep suite: 16 λ in one `jaxl2.sweep` vs 16 sequential runs vs 1 run.
+"""Sweep suite: 16 λ in one `jaxl2.sweep` vs 16 sequential runs vs 1 run; checkpoint cost.
 
 Two figures each: the first call (compilation included, as a user meets it
 once) and the steady call (median of 3 later calls: `sweep` reuses its
@@ -7,19 +7,27 @@ sequential baseline compiles a one-model program once and runs it 16 times
 with λ as data; "1 run" is one model alone. The suite runs in a child process
 that exposes one XLA host device per CPU core, as `jaxl2 demo` does, so
 `sweep` can shard its models.
+
+Checkpoint overhead: the demo sweep with ``checkpoint_dir`` (default chunks,
+a fresh directory each call, so every call trains and saves) against the
+same sweep without, calls interleaved, medians of 3 after one warm-up each,
+long enough (~20 s) for the default schedule to save mid-run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
 N_LAMS, REPEATS = 16, 3
+CHECKPOINT_STEPS = 7000  # the demo sweep's ~2.9 ms a step here: ~20 s, two or more saves
 
 
 def _problems(quick: bool):
@@ -87,21 +95,29 @@ def _first_and_steady(fn) -> tuple[float, float]:
   return first, statistics.median(times)
 
 
-def _measure(problem: tuple, lams: list[float]) -> dict[str, Any]:
+def _model_fns(model: Any, in_dim: int) -> tuple[Any, Any]:
+  """(init_fn, apply_fn) of a linen model taking ``in_dim`` inputs."""
   import jax
   import jax.numpy as jnp
-  import optax
-
-  import jaxl2
-
-  name, model, loss, train, val, in_dim, steps = problem
-  opt = optax.adam(1e-2)
 
   def init_fn(key: jax.Array) -> Any:
     return model.init(key, jnp.ones((1, in_dim)))["params"]
 
   def apply_fn(p: Any, x: jax.Array) -> jax.Array:
     return model.apply({"params": p}, x)
+
+  return init_fn, apply_fn
+
+
+def _measure(problem: tuple, lams: list[float]) -> dict[str, Any]:
+  import jax
+  import optax
+
+  import jaxl2
+
+  name, model, loss, train, val, in_dim, steps = problem
+  opt = optax.adam(1e-2)
+  init_fn, apply_fn = _model_fns(model, in_dim)
 
   def sweep(grid: list[float]) -> None:
     jaxl2.sweep(init_fn, apply_fn, loss, opt, train, val, lams=grid, steps=steps)
@@ -137,11 +153,61 @@ def _measure(problem: tuple, lams: list[float]) -> dict[str, Any]:
   }
 
 
+def _checkpoint_overhead(problem: tuple, lams: list[float], steps: int) -> dict[str, Any]:
+  """The sweep with checkpoints at the default chunk size vs without, in one process."""
+  import optax
+  import orbax.checkpoint as ocp
+
+  import jaxl2
+
+  name, model, loss, train, val, in_dim, _ = problem
+  init_fn, apply_fn = _model_fns(model, in_dim)
+  opt = optax.adam(1e-2)  # one object: the program cache keys on it
+  saves: list[int] = []
+  original = ocp.CheckpointManager.save
+
+  def counted(self: Any, step: int, *args: Any, **kwargs: Any) -> Any:
+    saves.append(step)
+    return original(self, step, *args, **kwargs)
+
+  def sweep(directory: str | None) -> float:
+    start = time.perf_counter()
+    jaxl2.sweep(init_fn, apply_fn, loss, opt, train, val, lams=lams, steps=steps,
+                checkpoint_dir=directory)  # fmt: skip
+    return time.perf_counter() - start
+
+  root = tempfile.mkdtemp()
+  ocp.CheckpointManager.save = counted
+  try:
+    sweep(None), sweep(os.path.join(root, "warm-up"))  # compilation, excluded
+    plain, checkpointed, per_call = [], [], []
+    for i in range(REPEATS):  # interleaved, so drift favours neither
+      plain.append(sweep(None))
+      saves.clear()
+      checkpointed.append(sweep(os.path.join(root, str(i))))
+      per_call.append(len(saves))
+  finally:
+    ocp.CheckpointManager.save = original
+    shutil.rmtree(root, ignore_errors=True)
+  ratio = statistics.median(checkpointed) / statistics.median(plain)
+  return {
+    "case": f"checkpoint overhead, {name}",
+    "steps": steps,
+    "plain_s": statistics.median(plain),
+    "checkpointed_s": statistics.median(checkpointed),
+    "checkpointed_vs_plain": ratio,
+    "saves_per_call": per_call,
+  }
+
+
 def child(quick: bool) -> list[dict[str, Any]]:
   import numpy as np
 
   lams = [0.0, *np.logspace(-3, 1, N_LAMS - 1).tolist()]
-  return [_measure(problem, lams) for problem in _problems(quick)]
+  problems = list(_problems(quick))
+  rows = [_measure(problem, lams) for problem in problems]
+  steps = 100 if quick else CHECKPOINT_STEPS
+  return [*rows, _checkpoint_overhead(problems[-1], lams, steps)]
 
 
 def run(*, quick: bool = False, repeats: int = 20) -> list[dict[str, Any]]:
@@ -153,6 +219,13 @@ def run(*, quick: bool = False, repeats: int = 20) -> list[dict[str, Any]]:
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
   rows = json.loads(out.stdout.strip().splitlines()[-1])
   for row in rows:
+    if "checkpointed_vs_plain" in row:
+      print(
+        f"  sweep {row['case']}: {row['checkpointed_vs_plain']:.3f}x the sweep without "
+        f"({row['checkpointed_s']:.2f}s vs {row['plain_s']:.2f}s, saves {row['saves_per_call']})",
+        flush=True,
+      )
+      continue
     print(
       f"  sweep {row['case']} on {row['devices']} device(s): sweep16 {row['sweep16_s']:.2f}s = "
       f"{row['sweep_vs_sequential']:.2f}x sequential16 steady, "

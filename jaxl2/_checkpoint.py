@@ -58,6 +58,9 @@ class Checkpointer:
   def restore(self, like: Any) -> tuple[Any, dict[str, Any]] | None:
     """The latest checkpoint's (arrays, progress), shaped and placed as ``like``; None if none.
 
+    The record is read and checked first, so a checkpoint of another run is
+    reported as such, never as a shape mismatch of its arrays.
+
     Raises:
       ValueError: the directory holds a checkpoint of another run.
     """
@@ -66,15 +69,13 @@ class Checkpointer:
     step = self._manager.latest_step()
     if step is None:
       return None
-    saved = self._manager.restore(
-      step,
-      args=ocp.args.Composite(
-        arrays=ocp.args.StandardRestore(_abstract(like)), meta=ocp.args.JsonRestore()
-      ),
-    )
-    meta = dict(saved.meta)
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    meta = dict(meta)
     self._check(meta.pop("fingerprint", None))
-    return saved.arrays, meta
+    arrays = self._manager.restore(
+      step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(_abstract(like)))
+    ).arrays
+    return arrays, meta
 
   def _check(self, found: Any) -> None:
     if found == self.fingerprint:

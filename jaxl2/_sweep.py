@@ -9,21 +9,24 @@ communication; on one device the same code runs unchanged.
 
 from __future__ import annotations
 
-import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxl2._checks import check_lam, check_m
+from jaxl2._checkpoint import check_checkpoint_dir
+from jaxl2._checks import check_count, check_lam, check_m
 from jaxl2._masks import MaskSpec
 from jaxl2._metrics import MetricsFn
+from jaxl2._sweep_models import fold_indices, grid, seed_states
+from jaxl2._sweep_models import models as model_inputs
 from jaxl2._sweep_program import Settings, program
 from jaxl2._sweep_result import SweepResult, sweep_result
+from jaxl2._sweep_resume import fingerprint, run_resumable
 from jaxl2._training import make_train_step
 
 __all__ = ["SweepResult", "sweep"]
@@ -46,26 +49,53 @@ def sweep(
   batch_size: int | None = None,
   folds: int | None = None,
   metrics_fn: MetricsFn | None = None,
+  checkpoint_dir: str | os.PathLike[str] | None = None,
+  checkpoint_every: int | None = None,
 ) -> SweepResult:
   r"""Trains one model per λ (and per fold and seed) in one compiled program.
 
   Each model minimizes its data loss + (λ/2m)·Σ c·‖W‖² with ``optimizer`` for
-  ``steps`` steps from ``init_fn(key(seed))``, exactly as
-  `jaxl2.make_train_step` would with the same form (simple, or general with
-  model state and dropout); the models differ only in λ, fold and seed. The
-  program is `jax.vmap` over models, sharded over all devices when there are
-  several. Full batch by default; with ``batch_size`` each epoch visits the
-  training part in a new order, ``jax.random.permutation(fold_in(key(seed),
-  epoch), n)`` split into ``n // batch_size`` batches (the remainder is left
-  out of that epoch); the order depends on the seed and fold, not on λ. With
-  ``folds=k`` the data are k-fold cross-validated: fold f holds out examples
-  ``f·(n//k)`` to ``(f+1)·(n//k) − 1`` and trains on the other folds (the
-  ``n mod k`` last examples are left out), and λ is chosen by the mean
-  validation loss over folds.
+  ``steps`` steps, exactly as `jaxl2.make_train_step` trains
+  ``train.init(model, model_state, lam=λ, seed=seed)`` on its batches, where
+  ``init_fn(jax.random.key(seed))`` gives the model in any form ``init``
+  takes: params (simple form); general form (``apply_fn=None``):
+  ``(params, model_state)``, a Flax NNX module, an Equinox module, or
+  ``(module, eqx.nn.State)``. The models differ only in λ, fold and seed, and
+  a model's run depends on those alone, never on the rest of the grid:
+
+  * dropout: step t's key is ``fold_in(key(seed), t)`` for every λ and fold
+    (an NNX module draws from its RNG streams, restarted from ``key(seed)``);
+  * minibatches (``batch_size=b``): epoch e of fold f visits the fold's
+    training examples ``idx`` (in increasing order) in the order
+    ``jax.random.permutation(fold_in(fold_in(key(seed), 2**31 + f), e), idx)``,
+    cut into ``len(idx) // b`` batches of b (the rest sits that epoch out);
+    step t takes batch ``t % (len(idx) // b)`` of epoch ``t // (len(idx) // b)``;
+  * folds (``folds=k``): fold f holds out examples ``f·(n//k)`` to
+    ``(f+1)·(n//k) − 1`` and trains on the other folds (the ``n mod k`` last
+    examples are left out), and λ is chosen by the mean validation loss over
+    folds; without folds, f = 0 and every example trains.
+
+  λ is held in the params' accumulation dtype (float64 for float64 params
+  with 64-bit enabled, else float32). The program is `jax.vmap` over models,
+  sharded over all devices when there are several.
+
+  With ``checkpoint_dir``, the program runs in chunks of ``checkpoint_every``
+  steps and every model's state is saved between chunks (with orbax: a
+  process killed during a save leaves the previous checkpoint). A rerun with
+  the same arguments and directory resumes from the latest checkpoint and
+  returns, bit for bit, what an uninterrupted run with the same
+  ``checkpoint_every`` returns; a finished sweep's directory gives its result
+  again without training. The directory records the λ grid, seeds, steps, m,
+  batch size, folds, number of models, the names of ``init_fn``,
+  ``apply_fn`` and ``loss_fn``, and digests of the shapes and values of the
+  data and of the initial params: a directory written by a sweep that
+  differs in any of them is an error.
 
   Args:
-    init_fn: ``init_fn(key) -> params`` (general form: ``-> (params,
-      model_state)``).
+    init_fn: ``init_fn(key) -> model``: params, or in the general form
+      ``(params, model_state)``, an NNX or Equinox module, or ``(module,
+      model_state)``. Every seed's model must have the same static part
+      (activations, sizes, NNX attributes); only arrays may differ.
     apply_fn, loss_fn: as for `jaxl2.make_train_step` (``apply_fn=None``:
       the general form, whose evaluation calls ``loss_fn`` with ``key=None``).
       Simple form: batches are ``(inputs, targets)``; general form: any
@@ -85,16 +115,28 @@ def sweep(
     metrics_fn: simple form: ``metrics_fn(outputs, targets) -> {name: value}``
       at evaluation; default: ``{"accuracy": ...}`` for integer labels, none
       for other targets. General form: the aux metrics of ``loss_fn``.
+    checkpoint_dir: a directory to save the sweep to and resume it from
+      (created if missing); None: no checkpoints, one program.
+    checkpoint_every: steps per chunk, each chunk's end saved. Default: chunks
+      of 100 steps, a chunk's end saved once at least 10 s, and 40 times as
+      long as the previous save took, have passed since that save (and after
+      the last step): saving then takes at most about 2.5% of the time
+      whatever the models' size, and a preemption loses little more than 10 s
+      or one chunk. Which ends are saved depends on timing, the results do not.
 
   Returns:
     A `SweepResult`. A run whose loss or weights end non-finite is marked in
     ``diverged`` and its λ is never ``best_lam``. A second call with the same
-    functions, optimizer, mask, m and settings reuses the compiled program.
+    functions, optimizer, mask, m and settings, and a model of the same
+    static part, reuses the compiled program.
 
   Raises:
+    TypeError: ``checkpoint_dir`` is not a path.
     ValueError: an empty or invalid λ grid, ``steps`` < 1, ``m`` ≤ 0, bad
       ``batch_size``/``folds``, ``val_data`` missing (or given with folds),
-      data whose leaves disagree on the number of examples.
+      data whose leaves disagree on the number of examples; seeds whose models
+      differ in their static part; ``checkpoint_every`` < 1 or without
+      ``checkpoint_dir``; a ``checkpoint_dir`` holding another sweep.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, jaxl2
@@ -108,22 +150,37 @@ def sweep(
     True
   """
   _check_options(lams, steps, seeds, folds, val_data)
+  directory = _check_checkpoints(checkpoint_dir, checkpoint_every)
   lam_list, seed_list = [float(x) for x in lams], tuple(int(s) for s in seeds)
-  train_idx, val_idx = _fold_indices(_n_examples(train_data, "train_data"), folds)
+  train_idx, val_idx = fold_indices(_n_examples(train_data, "train_data"), folds)
   _check_batch_size(batch_size, train_idx.shape[1])
   m = float(train_idx.shape[1] if m is None else m)
   check_m(m)
   train = make_train_step(apply_fn, loss_fn, optimizer, lam=0.0, m=m, mask=mask)
-  per_seed = [init_fn(jax.random.key(seed)) for seed in seed_list]
-  static = train.init(*per_seed[0]).static if apply_fn is None else None  # checks the mask
+  starts = seed_states(train, init_fn, seed_list)  # also checks the mask on each seed's params
   mesh = _model_mesh()
   shape = (len(lam_list), len(train_idx), len(seed_list))
-  grid = _grid(shape, 1 if mesh is None else mesh.devices.size)
-  models = _models(grid, per_seed, lam_list, seed_list, train_idx, val_idx)
+  rows = grid(shape, 1 if mesh is None else mesh.devices.size)
+  models, shared = model_inputs(rows, starts, lam_list, seed_list, train_idx, val_idx)
   settings = Settings(
-    mask, m, steps, progress, mesh, batch_size, folds is not None, metrics_fn, static
+    mask, m, steps, progress, mesh, batch_size, folds is not None, metrics_fn, starts.static
   )
-  params, out = jax.device_get(program(train, settings)(models, train_data, val_data))
+  programs = program(train, settings)
+  if directory is None:
+    params, out = programs.whole(models, shared, train_data, val_data)
+  else:
+    options = {
+      "lams": lam_list, "seeds": list(seed_list), "steps": steps, "m": m,
+      "batch_size": batch_size, "folds": folds,
+      "models (the grid padded to a multiple of the devices)": int(rows.shape[1]),
+      "functions": [_name(f) for f in (init_fn, apply_fn, loss_fn)],
+    }  # fmt: skip
+    facts = fingerprint(options, train_data=train_data, val_data=val_data, start=starts.params)
+    params, out = run_resumable(
+      programs, models, shared, train_data, val_data, steps=steps, directory=directory,
+      every=None if checkpoint_every is None else int(checkpoint_every), facts=facts,
+    )  # fmt: skip
+  params, out = jax.device_get((params, out))
   result_shape = shape if folds is not None else (shape[0], shape[2])  # (λ, [fold,] seed)
   return sweep_result(
     params, out, lams=lam_list, seeds=seed_list, m=m, folds=folds, shape=result_shape
@@ -173,55 +230,23 @@ def _n_examples(data: Any, name: str) -> int:
   return sizes.pop()
 
 
-def _fold_indices(n: int, folds: int | None) -> tuple[np.ndarray, np.ndarray | None]:
-  """(train, validation) example indices per fold: contiguous folds of floor(n/k) examples.
-
-  Without folds: every example trains. The n mod k examples past the last full
-  fold are left out, so every fold trains on the same number of examples.
-  """
-  if folds is None:
-    return np.arange(n)[None], None
-  size = n // folds
-  everything = np.arange(size * folds)
-  val = everything.reshape(folds, size)
-  train = np.stack([np.setdiff1d(everything, v) for v in val])
-  return train, val
-
-
 def _model_mesh() -> Mesh | None:
   devices = jax.devices()
   return None if len(devices) == 1 else Mesh(np.asarray(devices), ("models",))
 
 
-def _grid(shape: tuple[int, int, int], n_devices: int) -> np.ndarray:
-  """(λ, fold, seed) indices of every model, (3, n); the last repeated so devices share evenly."""
-  n_models = math.prod(shape)
-  padded = math.ceil(n_models / n_devices) * n_devices
-  grid = np.stack(np.unravel_index(np.arange(n_models), shape), axis=1)
-  return np.concatenate([grid, np.repeat(grid[-1:], padded - n_models, axis=0)]).T
+def _check_checkpoints(directory: Any, every: Any) -> str | None:
+  directory = check_checkpoint_dir(directory)
+  if every is not None:
+    check_count(every, "checkpoint_every")
+    if directory is None:
+      raise ValueError(
+        f"`checkpoint_every` ({every!r}) needs `checkpoint_dir`: pass the directory to save "
+        "the sweep to, or drop `checkpoint_every`."
+      )
+  return directory
 
 
-def _models(
-  grid: np.ndarray,
-  per_seed: list[Any],
-  lams: list[float],
-  seeds: tuple[int, ...],
-  train_idx: np.ndarray,
-  val_idx: np.ndarray | None,
-) -> dict[str, Any]:
-  """Each model's start, λ, keys and example indices, stacked along the model axis."""
-  lam_i, fold_i, seed_i = grid
-  # Initialized once per seed, outside the compiled program: initializers
-  # (truncated normals, threefry) cost far more to compile than to run, and
-  # every λ and fold of a seed starts from the same weights anyway.
-  start = jax.tree_util.tree_map(lambda *xs: np.stack(xs)[seed_i], *jax.device_get(per_seed))
-  seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds)[seed_i])
-  return {
-    "start": start,
-    "lam": np.asarray(lams, np.float32)[lam_i],
-    # Dropout keys differ per model; the data order only per seed and fold.
-    "key": jax.vmap(jax.random.fold_in)(seed_keys, jnp.asarray(lam_i * len(train_idx) + fold_i)),
-    "order_key": jax.vmap(jax.random.fold_in)(seed_keys, jnp.asarray(fold_i + (1 << 20))),
-    "train_idx": train_idx[fold_i],
-    "val_idx": None if val_idx is None else val_idx[fold_i],
-  }
+def _name(fn: Any) -> str | None:
+  """A function's name for the fingerprint (its code cannot be compared across processes)."""
+  return None if fn is None else getattr(fn, "__qualname__", type(fn).__qualname__)

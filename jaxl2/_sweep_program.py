@@ -1,9 +1,13 @@
-"""The compiled program of `jaxl2.sweep`, and the cache that keeps it across calls.
+"""The compiled programs of `jaxl2.sweep`, and the cache that keeps them across calls.
 
 One program initializes, trains and evaluates every model: the models are a
 `jax.vmap` axis (sharded over the devices when there are several), the steps
-a `jax.lax.scan`. Each model's inputs (its start, λ, keys, data indices) come
-in as arrays, so a sweep over other λ values of the same shapes reuses it.
+a `jax.lax.scan`. Each model's inputs (its λ, seed and fold, which index the
+seeds' starts, the order keys and the folds' examples) come in as arrays, so a
+sweep over other λ values of the same shapes reuses it. With checkpoints the
+same three parts run as separate programs: ``begin`` (the stacked states),
+``chunk`` (``length`` steps from step ``first``), ``end`` (the evaluation),
+so that the states can be saved between chunks.
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ from jaxl2._models import Static
 from jaxl2._train_state import TrainState
 from jaxl2._training import TrainStep
 
-__all__ = ["Settings", "program"]
+__all__ = ["Programs", "Settings", "program"]
 
-# Models: {"start", "lam", "key", "order_key", "train_idx", "val_idx"}, one row per model.
+# Models: {"lam", "seed", "fold"}, one row per model; shared: {"states" (per seed),
+# "order_keys" (seed, fold), "train_idx", "val_idx" (per fold)} (see jaxl2._sweep_models).
 Models = dict[str, Any]
 
 
 class Settings(NamedTuple):
-  """Everything besides the training step that shapes the program (its cache key)."""
+  """Everything besides the training step that shapes the programs (their cache key)."""
 
   mask: MaskSpec
   m: float
@@ -43,14 +48,23 @@ class Settings(NamedTuple):
   static: Static | None  # the model's static part (NNX GraphDef, Equinox fields)
 
 
+class Programs(NamedTuple):
+  """The jitted programs of one sweep; ``whole`` is ``end(chunk(begin(...), 0, steps))``."""
+
+  whole: Callable[..., tuple[Any, Metrics]]  # (models, shared, train_data, val_data)
+  begin: Callable[..., TrainState]  # (models, shared)
+  chunk: Callable[..., TrainState]  # (state, models, shared, train_data, first, length)
+  end: Callable[..., tuple[Any, Metrics]]  # (state, models, shared, train_data, val_data)
+
+
 # Compiled sweeps, reused by later calls with the same functions and settings
 # (jit's own cache keys on the function object, which is rebuilt on each call).
-_PROGRAMS: dict[Any, Callable[..., Any]] = {}
+_PROGRAMS: dict[Any, Programs] = {}
 _MAX_PROGRAMS = 16
 
 
-def program(train: TrainStep, settings: Settings) -> Callable[..., Any]:
-  """``run(models, train_data, val_data) -> (params, metrics)``, jitted; cached when hashable."""
+def program(train: TrainStep, settings: Settings) -> Programs:
+  """The sweep's programs, jitted; cached when the settings are hashable."""
   key = (train.apply_fn, train.loss_fn, train.optimizer, *settings)
   try:
     cached = _PROGRAMS.get(key)
@@ -58,79 +72,111 @@ def program(train: TrainStep, settings: Settings) -> Callable[..., Any]:
     key, cached = None, None
   if cached is not None:
     return cached
-  run = functools.partial(_run, train, settings)
-  if settings.mesh is None:
-    compiled = jax.jit(run)
-  else:
-    models, replicated = (
-      NamedSharding(settings.mesh, P("models")),
-      NamedSharding(settings.mesh, P()),
-    )
-    compiled = jax.jit(
-      run, in_shardings=(models, replicated, replicated), out_shardings=(models, models)
-    )
+  built = _jitted(train, settings)
   if key is not None:
     if len(_PROGRAMS) >= _MAX_PROGRAMS:
       _PROGRAMS.pop(next(iter(_PROGRAMS)))  # the oldest
-    _PROGRAMS[key] = compiled
-  return compiled
+    _PROGRAMS[key] = built
+  return built
 
 
-def _run(
-  train: TrainStep, settings: Settings, models: Models, train_data: Any, val_data: Any
-) -> tuple[Any, Metrics]:
-  general = train.apply_fn is None
-  state = jax.vmap(functools.partial(_init, train.optimizer, general, settings.static))(models)
-  state, _ = jax.lax.scan(
-    functools.partial(_step, train, settings, models, train_data),
-    state,
-    jnp.arange(settings.steps),
+def _jitted(train: TrainStep, settings: Settings) -> Programs:
+  whole = functools.partial(_whole, train, settings)
+  chunk = functools.partial(_chunk, train, settings)
+  end = functools.partial(_end, train, settings)
+  # The chunk donates its state: the next state reuses the buffers in place.
+  chunk_options = {"static_argnums": 5, "donate_argnums": 0}
+  if settings.mesh is None:
+    return Programs(jax.jit(whole), jax.jit(_begin), jax.jit(chunk, **chunk_options), jax.jit(end))
+  per_model, same = NamedSharding(settings.mesh, P("models")), NamedSharding(settings.mesh, P())
+  return Programs(
+    jax.jit(whole, in_shardings=(per_model, same, same, same), out_shardings=per_model),
+    jax.jit(_begin, in_shardings=(per_model, same), out_shardings=per_model),
+    jax.jit(
+      chunk,
+      in_shardings=(per_model, per_model, same, same, same),
+      out_shardings=per_model,
+      **chunk_options,
+    ),
+    jax.jit(end, in_shardings=(per_model, per_model, same, same, same), out_shardings=per_model),
   )
+
+
+def _whole(
+  train: TrainStep, settings: Settings, models: Models, shared: Any, train_data: Any, val_data: Any
+) -> tuple[Any, Metrics]:
+  state = _begin(models, shared)
+  state = _chunk(train, settings, state, models, shared, train_data, 0, settings.steps)
+  return _end(train, settings, state, models, shared, train_data, val_data)
+
+
+def _begin(models: Models, shared: Any) -> TrainState:
+  """Every model's state at step 0: its seed's start with its own λ."""
+
+  def start(model: dict[str, Any]) -> TrainState:
+    state = jax.tree_util.tree_map(lambda x: x[model["seed"]], shared["states"])
+    return state._replace(lam=model["lam"])
+
+  return jax.vmap(start)(models)
+
+
+def _chunk(
+  train: TrainStep,
+  settings: Settings,
+  state: TrainState,
+  models: Models,
+  shared: Any,
+  train_data: Any,
+  first: Any,
+  length: int,
+) -> TrainState:
+  """Steps ``first`` to ``first + length − 1`` of every model (a scan), with the progress."""
+
+  def body(state: TrainState, i: jax.Array) -> tuple[TrainState, None]:
+    def one(s: TrainState, model: dict[str, Any]) -> TrainState:
+      return train.step_fn(s, _batch(settings, shared, train_data, model, i))[0]
+
+    state = jax.vmap(one)(state, models)
+    if settings.progress is not None:
+      _report(settings.progress, settings.steps, i + 1)
+    return state, None
+
+  steps = jnp.asarray(first, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
+  return jax.lax.scan(body, state, steps)[0]
+
+
+def _end(
+  train: TrainStep,
+  settings: Settings,
+  state: TrainState,
+  models: Models,
+  shared: Any,
+  train_data: Any,
+  val_data: Any,
+) -> tuple[Any, Metrics]:
+  """The final params and metrics of every model."""
   evaluate = _evaluator(train, settings)
 
   def final(s: TrainState, model: dict[str, Any]) -> Metrics:
     if settings.cross_validate:
-      return evaluate(s, _take(train_data, model["train_idx"]), _take(train_data, model["val_idx"]))
+      fold = model["fold"]
+      train_part = _take(train_data, shared["train_idx"][fold])
+      return evaluate(s, train_part, _take(train_data, shared["val_idx"][fold]))
     return evaluate(s, train_data, val_data)
 
   return state.params, jax.vmap(final)(state, models)
 
 
-def _init(
-  optimizer: Any, general: bool, static: Static | None, model: dict[str, Any]
-) -> TrainState:
-  """One model's state at step 0 (the general form's start is (params, model_state))."""
-  params, model_state = model["start"] if general else (model["start"], None)
-  key = model["key"] if general else None
-  return TrainState(
-    params, optimizer.init(params), jnp.zeros([], jnp.int32), model["lam"], model_state, key,
-    static,
-  )  # fmt: skip
-
-
-def _step(
-  train: TrainStep,
-  settings: Settings,
-  models: Models,
-  train_data: Any,
-  state: TrainState,
-  i: jax.Array,
-) -> tuple[TrainState, None]:
-  """Step ``i`` of every model (the scan's body), then the progress report."""
-  step = jax.vmap(lambda s, model: train.step_fn(s, _batch(settings, train_data, model, i))[0])
-  state = step(state, models)
-  if settings.progress is not None:
-    _report(settings.progress, settings.steps, i + 1)
-  return state, None
-
-
-def _batch(settings: Settings, train_data: Any, model: dict[str, Any], i: jax.Array) -> Any:
+def _batch(
+  settings: Settings, shared: Any, train_data: Any, model: dict[str, Any], i: jax.Array
+) -> Any:
   """One model's batch at step ``i``: its training part, or a minibatch of a shuffled epoch."""
-  idx = model["train_idx"]
+  idx = shared["train_idx"][model["fold"]]
   if settings.batch_size is not None:
     size = settings.batch_size
     per_epoch = idx.shape[0] // size
-    order = jax.random.permutation(jax.random.fold_in(model["order_key"], i // per_epoch), idx)
+    key = shared["order_keys"][model["seed"], model["fold"]]
+    order = jax.random.permutation(jax.random.fold_in(key, i // per_epoch), idx)
     idx = jax.lax.dynamic_slice(order, ((i % per_epoch) * size,), (size,))
   elif not settings.cross_validate:
     return train_data  # the whole training set, shared by every model: no copy

@@ -196,7 +196,9 @@ def _check(np_tree, mask, mults, lam, m, *, eager):
     np.testing.assert_allclose(helpers.as_f64(auto[path]), want, rtol=rtol, atol=atol, err_msg=path)
 
 
-_LAMS = st.sampled_from([0.0, 1e-3, 0.7, 5.0])
+# λ > 0 only: at λ = 0 every mask gives 0, so a wrong mask would pass (λ = 0 is its own
+# test below).
+_LAMS = st.sampled_from([1e-3, 0.7, 5.0])
 _MS = st.sampled_from([1, 7, 1000.0])
 
 
@@ -220,3 +222,21 @@ def test_small_trees_match_float64_reference(data):
 @given(data=st.data())
 def test_large_trees_take_every_reduction_path_and_match_float64_reference(data):
   _draw_and_check(data, large_trees, eager=False)
+
+
+def test_lam_zero_gives_exactly_zero_penalty_and_gradient():
+  # The λ = 0 case the property tests no longer draw: exactly 0, not rounding noise, under
+  # jit and eagerly, for float32, bfloat16 and complex leaves, whatever the mask selects.
+  tree = {
+    "w": np.full((3, 4), 2.5, np.float32),
+    "h": np.full((4,), 3.0, jnp.bfloat16),
+    "z": np.full((2, 2), 1 + 2j, np.complex64),
+  }
+  for mask in (None, jaxl2.all_floating, jaxl2.by_regex({"w": 0.5, "z": 3.0}, strict=False)):
+    penalty = lambda t, mask=mask: jaxl2.l2_penalty(t, 0.0, 7, mask=mask)  # noqa: E731
+    value, auto = jax.jit(jax.value_and_grad(penalty))(tree)
+    grads = jaxl2.l2_penalty_grad(tree, 0.0, 7, mask=mask)
+    assert float(value) == 0.0 and float(penalty(tree)) == 0.0
+    for gradient in (auto, grads):
+      for path, g in helpers.leaves_by_path(gradient).items():
+        assert not np.any(helpers.as_f64(g)), path
