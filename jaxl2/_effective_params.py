@@ -16,7 +16,6 @@ from jax.flatten_util import ravel_pytree
 
 from jaxl2._checks import check_count
 from jaxl2._curvature import GaussNewton
-from jaxl2._hypergradient import PRECONDITION
 from jaxl2._implicit import MAXITER, solve_cg, troubles, vdot, warn_troubles
 from jaxl2._lam_setup import Numbers, Options, inside, prepare
 from jaxl2._sketch import signs_like
@@ -92,7 +91,7 @@ def effective_params(
   exact_below: int = 2000,
   probes: int = 64,
   seed: int = 0,
-  precondition: int = PRECONDITION,
+  precondition: int | None = None,
   tol: float | None = None,
   maxiter: int = MAXITER,
 ) -> EffectiveParams:

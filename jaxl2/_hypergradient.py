@@ -22,9 +22,8 @@ from jaxl2._lam_setup import Numbers, Options, check_loss_fn, inside, prepare
 from jaxl2._train_state import TrainState
 from jaxl2._training import TrainStep
 
-__all__ = ["PRECONDITION", "Hypergradient", "hypergradient", "lam_hypergradient"]
+__all__ = ["Hypergradient", "hypergradient", "lam_hypergradient"]
 
-PRECONDITION = 64  # rank of the Nyström preconditioner, by default
 _GAP = 1e-4  # how far `GaussNewton`'s output_loss(outputs_fn) may be from loss_fn
 
 
@@ -134,7 +133,7 @@ def lam_hypergradient(
   val_loss_fn: Callable[..., Any] | None = None,
   curvature: str | GaussNewton = "auto",
   damping: float | None = None,
-  precondition: int = PRECONDITION,
+  precondition: int | None = None,
   tol: float | None = None,
   maxiter: int = MAXITER,
   grad_rtol: float = 1e-2,
@@ -160,9 +159,10 @@ def lam_hypergradient(
   ``batch_size`` examples at a time (batch b holds examples b, b + k, …; the
   remainder is one more batch), in evaluation mode: ``key=None``, no dropout,
   running statistics. A·v = ∇V is solved by conjugate gradients from v = 0,
-  preconditioned by diag(A)⁻¹ estimated from ``precondition`` Rademacher
-  probes, until the relative residual ≤ ``tol`` or ``maxiter`` iterations, or
-  until a direction of non-positive curvature stops it.
+  preconditioned by a randomized Nyström approximation of C of rank
+  ``precondition`` (`jaxl2._nystrom`), until the relative residual ≤ ``tol``
+  or ``maxiter`` iterations, or until a direction of non-positive curvature
+  stops it.
 
   Compiled once per ``train`` object, option set and data shapes; the
   diagnostics are read back to warn, so call it eagerly, not under `jax.jit`.
@@ -180,11 +180,13 @@ def lam_hypergradient(
       `jaxl2.GaussNewton` for the general form.
     damping: δ ≥ 0 added to the curvature's diagonal (δ·I): for a Hessian that
       is indefinite, at the price of a bias.
-    precondition: probes for the Jacobi preconditioner (0: plain CG).
+    precondition: rank of the Nyström preconditioner (0: plain CG); None: 64
+      where params × training examples ≥ 10⁸, where products are dear enough
+      to repay its compile time, else 0.
     tol: CG's relative residual target; default 1e-10 (float64), 1e-5 (float32).
     maxiter: cap on CG iterations.
     grad_rtol: warn when ``stationarity`` (‖∇(L + penalty)‖ / ‖(λ/m)·c⊙W*‖) exceeds it.
-    seed: seed of the preconditioner's probes.
+    seed: seed of the preconditioner's random test vectors.
 
   Returns:
     A `Hypergradient` with the value, the validation loss, the solve's

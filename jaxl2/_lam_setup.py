@@ -6,7 +6,7 @@ at W*) and the data as arguments. `prepare` checks all of it where the values
 are concrete and splits it into what shapes the compiled program (`Options`,
 its static argument) and what it computes with (`Numbers`); `inside` rebuilds,
 inside the program, the pieces every tool needs: W in the accumulation dtype,
-the training loss and curvature over the data, and the Jacobi preconditioner.
+the training loss and curvature over the data, and the Nyström preconditioner.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from jaxl2._train_state import TrainState
 from jaxl2._training import TrainStep
 
 __all__ = [
+  "AUTO_SIZE",
+  "RANK",
   "Inside",
   "Numbers",
   "Options",
@@ -84,6 +86,8 @@ def check_model(name: str, train: Any, state: Any) -> None:
 
 
 DAMPING = 1e-2  # the default damping, relative to λ/m
+RANK = 64  # of the Nyström preconditioner where `precondition=None` chooses one
+AUTO_SIZE = 10**8  # params × training examples from which `precondition=None` chooses it
 
 
 def _check_damping(damping: Any, scale: float) -> float:
@@ -125,8 +129,12 @@ def prepare(
   c = leaf_multipliers(state.params, train.mask, name)
   acc = accumulation_dtype(jax.tree_util.tree_leaves(state.params))
   tol = solve_tol(acc, tol, maxiter)
-  check_count(precondition, "precondition", least=0)
   size = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(state.params))
+  if precondition is None:
+    # Its compile time (one more product in the program, about a second on a CPU) pays
+    # only where products are dear: big models on big data.
+    precondition = RANK if size * n >= AUTO_SIZE else 0
+  check_count(precondition, "precondition", least=0)
   curvature = check_curvature(curvature, train)
   lam = float(jax.device_get(state.lam))
   scale = lam_over_m(lam, train.m)

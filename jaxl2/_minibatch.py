@@ -56,17 +56,23 @@ def train_steps(
   data: Any,
   *,
   steps: int,
+  chunk: int,
   batch_size: int | None,
   seed: int,
   start: int,
 ) -> tuple[TrainState, bool]:
   """``steps`` steps of ``train`` from ``state`` (donated) at global step ``start``.
 
-  Returns the new state and whether every loss and every param stayed finite.
+  Run as programs of ``chunk`` steps (and one of the remainder), so that runs of
+  different lengths share one compiled program. Returns the new state and
+  whether every loss and every param stayed finite.
   """
-  key = jax.random.key(seed)
-  state, finite = _run(
-    state, data, key, jnp.asarray(start, jnp.int32), train=train, steps=steps,
-    batch_size=batch_size,
-  )  # fmt: skip
+  key, finite = jax.random.key(seed), jnp.bool_(True)
+  sizes = [chunk] * (steps // chunk) + ([steps % chunk] if steps % chunk else [])
+  for size in sizes:
+    state, ok = _run(
+      state, data, key, jnp.asarray(start, jnp.int32), train=train, steps=size,
+      batch_size=batch_size,
+    )  # fmt: skip
+    finite, start = finite & ok, start + size
   return state, bool(jax.device_get(finite))

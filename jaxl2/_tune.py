@@ -21,7 +21,6 @@ from jaxl2._batches import check_batch_size, n_examples
 from jaxl2._checkpoint import Checkpointer, check_checkpoint_dir
 from jaxl2._checks import check_count, check_lam
 from jaxl2._curvature import GaussNewton
-from jaxl2._hypergradient import PRECONDITION
 from jaxl2._implicit import MAXITER
 from jaxl2._lam_setup import check_model
 from jaxl2._train_state import TrainState
@@ -135,7 +134,7 @@ def tune_lam(
   rtol: float = 1e-2,
   curvature: str | GaussNewton = "auto",
   damping: float | None = None,
-  precondition: int = PRECONDITION,
+  precondition: int | None = None,
   tol: float | None = None,
   maxiter: int = MAXITER,
   grad_rtol: float = 1e-2,

@@ -77,8 +77,8 @@ class Tuner:
   def fit(self, state: TrainState, lam: float, steps: int) -> tuple[TrainState, bool]:
     state = self.train.set_lam(state, lam)
     state, finite = run_steps(
-      self.train, state, self.data[0], steps=steps, batch_size=self.opts["batch_size"],
-      seed=self.opts["seed"], start=self.step_count,
+      self.train, state, self.data[0], steps=steps, chunk=self.opts["retrain_steps"],
+      batch_size=self.opts["batch_size"], seed=self.opts["seed"], start=self.step_count,
     )  # fmt: skip
     self.step_count += steps
     return state, finite
