@@ -263,7 +263,7 @@ def verify_update(
 
   def frozen_or_rounded(k: int, row: VerifyRow) -> VerifyRow:
     leaf, found = probe.tree.leaves[probe.tree.index[k]], measured[k]
-    rounding = rounding_note(leaf, found.effect, found.weights)
+    rounding = rounding_note(getattr(leaf, "dtype", None), found.rounding)
     return frozen_or_rounding(row, found.frozen, found.fit.measured, rounding)
 
   fits = [found.fit for found in measured]
