@@ -169,5 +169,7 @@ def test_a_failing_process_ends_its_peers_instead_of_hanging():
   # Process 1 raises; process 0 waits for it in a collective that would never complete.
   start = time.perf_counter()
   with pytest.raises(multiprocess.MultiprocessError, match=r"(?s)a process failed.*planted"):
-    multiprocess.run("tests.multiprocess_cases:fails_on_process_1", processes=2, devices=1)
+    multiprocess.run(
+      "tests.multiprocess_cases:fails_on_process_1", processes=2, devices=1, timeout_s=60
+    )
   assert time.perf_counter() - start < 60
