@@ -38,7 +38,7 @@ from jaxl2._penalties import l2_penalty_grad
 from jaxl2._verify_fit import LeafFit, penalty_fits, update_fits
 from jaxl2._verify_probe import Probe, ProbeTree, standard_normal
 
-__all__ = ["UpdateMeasure", "measure_penalty", "measure_update"]
+__all__ = ["measure_penalty", "measure_update"]
 
 _NOT_DIFFERENTIABLE = (
   "`loss_fn(params, lam)` must be differentiable in `lam`: `verify_penalty` takes "
@@ -51,9 +51,9 @@ _TX_CLOSURE_FIX = (
   "`jax.device_put(x, NamedSharding(mesh, P()))`, to let the closure be compiled."
 )
 _CLOSURE_FIX = (
-  "The data term drops out of this check, so the data need not be the global batch: let "
-  "`loss_fn` close over a small batch of NumPy arrays (the same in every process), or a "
-  "replicated one, `jax.device_put(batch, NamedSharding(mesh, P()))`."
+  "The data term drops out of this check (a loss may close over the global batch), but a "
+  "term with λ needs what it reads: an L2-SP anchor, say. Replicate that array for the check, "
+  "`jax.device_put(x, NamedSharding(mesh, P()))`: a replicated array can be captured."
 )
 
 
@@ -282,7 +282,7 @@ def measure_update(
     # Only a leaf on which no decay can act through `base_tx` may be frozen: the
     # second program (the base update's value) runs only when there is one.
     fits = [LeafFit.of(fit) for fit, _ in measured]
-    blind = [fit.unit == 0 for fit in fits]  # no decay acts through `base_tx` (or NaN)
+    blind = [fit.unit == 0 for fit in fits]  # no decay acts through `base_tx`
     flags = blind
     if any(blind):
       frozen = jax.jit(functools.partial(_frozen_flags, base_tx, tree, lam / m))

@@ -561,6 +561,9 @@ def _error_cases() -> dict[str, Callable[[], Any]]:
     sq = sum(jnp.sum(k.astype(jnp.float32) ** 2) for k in _kernels(p))
     return jnp.mean((_apply(p, x) - y) ** 2) + lam / (2 * M) * sq
 
+  def l2_sp_loss(p: Any, lam: Any) -> jax.Array:  # closes over an anchor sharded like p
+    return jnp.mean((_apply(p, x) - y) ** 2) + jaxl2.l2_sp_penalty(p, preconditioner, lam, M)
+
   def scale_by_closure() -> optax.GradientTransformation:
     def update(updates: Any, state: Any, params: Any = None) -> Any:
       return jax.tree_util.tree_map(
@@ -581,6 +584,9 @@ def _error_cases() -> dict[str, Callable[[], Any]]:
     # The data term drops out of the check (and out of its program): nothing to capture.
     "verify_penalty loss closing over the global batch": lambda: report(
       jaxl2.verify_penalty(loss_on_global_batch, params, LAM, M)
+    ),
+    "error verify_penalty loss closes over a global anchor": lambda: report(
+      jaxl2.verify_penalty(l2_sp_loss, params, LAM, M)
     ),
     "error verify_update tx closes over a global array": lambda: report(
       jaxl2.verify_update(closing_tx, optax.sgd(0.1), params, LAM, M)
