@@ -131,7 +131,7 @@ def test_describe_and_verify_on_two_processes_equal_one_process():
   # computes them on the host (float64 norms): the tables are equal to the letter but for
   # their digits, and the numbers to 1e-6 relative (a misfit of ~1e-7 is noise: atol 1e-6).
   two, one = _runs("reports")
-  assert set(two) == set(one) and len(one) == 28
+  assert set(two) == set(one) and len(one) == 24
   for case in sorted(set(one) - set(EXPECTED_ERRORS)):
     a, b = two[case], one[case]
     assert "error" not in a and "error" not in b, (case, a, b)
