@@ -101,7 +101,7 @@ def _coupled(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _placed_like(anchor: Any, param: Any) -> jax.Array:
+def _anchor_leaf(anchor: Any, param: Any) -> jax.Array:
   """An anchor leaf as a JAX array: a `jax.Array` as it is, a host value where its parameter is."""
   if isinstance(anchor, jax.Array) or not isinstance(param, jax.Array):
     return jnp.asarray(anchor)
@@ -196,7 +196,7 @@ def l2_sp_grad(
   def init_fn(params: Any) -> L2SPGradState:
     selection = resolve(params, mask)
     anchor_values(selection, anchor)  # a mismatched anchor fails at init, not at step 1
-    placed = jax.tree_util.tree_map(_placed_like, anchor, params)
+    placed = jax.tree_util.tree_map(_anchor_leaf, anchor, params)
     return L2SPGradState(count=jnp.zeros([], jnp.int32), anchor=placed)
 
   return _coupled(

@@ -15,6 +15,7 @@ import math
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,12 +50,12 @@ class LeafFit(NamedTuple):
     return cls(True, *numbers[1:])
 
 
-def _times(xp: Any, a: Any, b: Any) -> Any:
+def _product(a: jax.Array, b: jax.Array | None) -> jax.Array:
   """a·b elementwise, complex numbers taken as pairs of reals: Re(conj(a)·b); a if b is None."""
   if b is None:
     return a
-  if xp.iscomplexobj(a) or xp.iscomplexobj(b):
-    return xp.real(xp.conj(a) * b)
+  if jnp.iscomplexobj(a) or jnp.iscomplexobj(b):
+    return jnp.real(jnp.conj(a) * b)
   return a * b
 
 
@@ -67,7 +68,7 @@ def _sums(xp: Any, pairs: Iterable[tuple[Any, Any]]) -> Any:
   """
   if xp is np:
     return np.array([np.sum(a) if b is None else np.vdot(a, b).real for a, b in pairs])
-  products = [_times(jnp, a, b) for a, b in pairs]
+  products = [_product(a, b) for a, b in pairs]
   return jnp.sum(jnp.stack(products), axis=tuple(range(1, jnp.ndim(products[0]) + 1)))
 
 

@@ -187,7 +187,7 @@ def frozen_or_rounding(row: VerifyRow, frozen: bool, measured: float, rounding: 
 def rounding_note(dtype: Any, stats: Any) -> str:
   """Why the decay of a bf16/fp16 leaf is lost when the update is applied, or "".
 
-  ``stats`` are the leaf's `jaxl2._verify_measure.rounding_stats` (None for
+  ``stats`` are the leaf's `jaxl2._verify_fit.rounding_stats` (None for
   other leaves): the fraction of entries whose decay is below half an ulp of
   w, the decay relative to w, half an ulp relative to w, and whether any w ≠ 0.
   """

@@ -119,7 +119,9 @@ def _floating_leaves(params: Any) -> tuple[ProbeTree, list[Any]]:
       value = np.asarray(value).astype(np.float32)
     floats.append(value)
   spread = [k for k, w in enumerate(floats) if spans_processes(w)]
-  nonzero = dict(zip(spread, to_host(_nonzero([floats[k] for k in spread])), strict=True))
+  nonzero = {}
+  if spread:  # one program for all of them
+    nonzero = dict(zip(spread, to_host(_nonzero([floats[k] for k in spread])), strict=True))
   for k, value in enumerate(floats):
     zero = not nonzero[k] if k in nonzero else not np.any(np.asarray(value))
     if value.size and zero:
