@@ -23,6 +23,7 @@ from jaxl2._sweep import SweepResult, sweep
 from jaxl2._training import TrainState, TrainStep, make_eval_step, make_train_step
 from jaxl2._transforms import (
   AddL2GradState,
+  L2SPGradState,
   add_l2_grad,
   l2_sp_grad,
   to_keras_l2,
@@ -43,6 +44,7 @@ __all__ = [
   "EffectiveParams",
   "GaussNewton",
   "Hypergradient",
+  "L2SPGradState",
   "LeafRow",
   "SweepResult",
   "TrainState",

@@ -7,10 +7,12 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxl2._checks import check_lam, check_m
-from jaxl2._dtypes import is_inexact
+from jaxl2._dtypes import accumulation_dtype, is_inexact, upcast
+from jaxl2._hosts import spans_processes, to_host
 from jaxl2._masks import MaskSpec, resolve
 from jaxl2._setup import l2_from_sq_norm
 from jaxl2._table import html_table, shape_cell, text_table
@@ -30,7 +32,9 @@ class LeafRow:
     selected: whether the mask selects it (multiplier > 0).
     multiplier: its multiplier on λ (0.0 when not selected).
     sq_norm: ‖W‖² in float64 (Σ|w|² for complex leaves); ``None`` for
-      leaves that are not floating (integer counters, RNG keys).
+      leaves that are not floating (integer counters, RNG keys). For a leaf
+      spread over several processes, summed on its devices in float32
+      (float64 for a 64-bit leaf): ~1e-7 relative.
     variable: the Flax NNX variable type (``Param``, ``BatchStat``), or "".
     why: the rule that decided ("kernel", "bias", "norm scale", "positional
       embedding", "not an nnx.Param (BatchStat)", "pattern '.*/kernel'",
@@ -128,13 +132,39 @@ class Description:
     return html_table(header, body, footer=self._totals())
 
 
-def _sq_norm(value: Any) -> float | None:
-  """‖W‖² in float64 NumPy (the table's own reference), None for a leaf L2 cannot select."""
-  if not is_inexact(value):
-    return None
+def _host_sq_norm(value: Any) -> float:
+  """‖W‖² in float64 NumPy: the table's own reference."""
   x = np.asarray(jax.device_get(value))
   x = x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
   return float(np.sum(np.abs(x) ** 2)) if np.iscomplexobj(x) else float(np.sum(x * x))
+
+
+@jax.jit
+def _device_sq_norms(values: list[jax.Array]) -> list[jax.Array]:
+  # Each leaf reduced where it lives: per-device partial sums, all-reduced to a scalar.
+  ups = [upcast(x, accumulation_dtype([x])) for x in values]
+  return [jnp.sum(jnp.real(x * jnp.conj(x))) for x in ups]
+
+
+def _sq_norms(leaves: list[Any]) -> list[float | None]:
+  """‖W‖² per leaf (None for a leaf L2 cannot select), the same in every process.
+
+  Leaves that span several processes are reduced on their
+  devices in one compiled program (float32 sums, float64 for 64-bit leaves);
+  the others in float64 NumPy on the host.
+  """
+  norms: list[float | None] = [None] * len(leaves)
+  on_devices = []
+  for i, value in enumerate(leaves):
+    if is_inexact(value) and spans_processes(value):
+      on_devices.append(i)
+    elif is_inexact(value):
+      norms[i] = _host_sq_norm(value)
+  if on_devices:
+    sums = to_host(_device_sq_norms([leaves[i] for i in on_devices]))
+    for i, total in zip(on_devices, sums, strict=True):
+      norms[i] = float(total)
+  return norms
 
 
 def describe(params: Any, *, mask: MaskSpec = None, lam: Any = None, m: Any = None) -> Description:
@@ -142,7 +172,12 @@ def describe(params: Any, *, mask: MaskSpec = None, lam: Any = None, m: Any = No
 
   Uses the same mask resolver as `jaxl2.l2_penalty`, so what it shows is
   what the penalty uses. Norms are computed in float64 with NumPy, so this is
-  a tool for concrete params, not for use under `jax.jit`. A mask that selects
+  a tool for concrete params, not for use under `jax.jit`. On params spread
+  over several processes (a pod: global arrays over a mesh of
+  `jax.devices()`), the leaves that span processes are reduced on their
+  devices in one compiled program and only their ‖W‖² reach the host, so
+  every process gets the same table; call it in every process, as any
+  multi-host program. A mask that selects
   nothing is shown (and flagged) rather than raised, to help find why. A Flax
   NNX Variable referenced at several paths (tied weights) is one row, with
   its other paths under "why"; an Equinox module's non-array fields are rows
@@ -171,13 +206,14 @@ def describe(params: Any, *, mask: MaskSpec = None, lam: Any = None, m: Any = No
     check_lam(lam)
     check_m(m)
   selection = resolve(params, mask, allow_empty=True)
+  norms = _sq_norms([leaf.value for leaf in selection.leaves])
   aliases: dict[str, list[str]] = {}
   for leaf in selection.leaves:
     if leaf.shared_with is not None:
       aliases.setdefault(leaf.shared_with, []).append(leaf.path)
   rows = []
-  for leaf, multiplier, why in zip(
-    selection.leaves, selection.multipliers, selection.reasons, strict=True
+  for leaf, multiplier, why, sq_norm in zip(
+    selection.leaves, selection.multipliers, selection.reasons, norms, strict=True
   ):
     if leaf.shared_with is not None:
       continue
@@ -190,7 +226,7 @@ def describe(params: Any, *, mask: MaskSpec = None, lam: Any = None, m: Any = No
         size=0 if leaf.not_array else int(np.prod(shape, dtype=np.int64)),
         selected=multiplier != 0.0,
         multiplier=multiplier,
-        sq_norm=None if leaf.not_array else _sq_norm(leaf.value),
+        sq_norm=None if leaf.not_array else sq_norm,
         variable=leaf.variable.__name__ if leaf.variable is not None else "",
         why=why,
         aliases=tuple(aliases.get(leaf.path, ())),

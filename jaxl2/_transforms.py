@@ -27,6 +27,7 @@ from jaxl2._setup import lam_over_m
 
 __all__ = [
   "AddL2GradState",
+  "L2SPGradState",
   "add_l2_grad",
   "l2_sp_grad",
   "to_keras_l2",
@@ -44,6 +45,19 @@ class AddL2GradState(NamedTuple):
   count: jax.Array
 
 
+class L2SPGradState(NamedTuple):
+  """State of `l2_sp_grad`: the updates applied so far, and the anchor W₀.
+
+  The anchor lives in the state, not in the transform's closure, so that a
+  compiled update takes it as an argument: a closure over an array is baked
+  into the program as a constant, and one that spans several processes (a
+  pretrained model sharded over a pod) cannot be compiled at all.
+  """
+
+  count: jax.Array
+  anchor: Any
+
+
 _NEEDS_PARAMS = (
   "`{name}` needs the current parameters: call `update(updates, state, params)`, as for "
   "`optax.add_decayed_weights`."
@@ -58,9 +72,15 @@ def _check_lam_or_schedule(lam: Any) -> None:
 
 
 def _coupled(
-  name: str, lam: float | Schedule, grad_fn: Callable[[Any, Any], Any], check: Callable[[Any], None]
+  name: str,
+  lam: float | Schedule,
+  grad_fn: Callable[[Any, Any, Any], Any],
+  init_fn: Callable[[Any], Any],
 ) -> optax.GradientTransformation:
-  """Adds the decay ``grad_fn(params, λ_t)`` to the updates; λ_t is ``lam`` or ``lam(count)``.
+  """Adds the decay ``grad_fn(params, state, λ_t)``; λ_t is ``lam`` or ``lam(state.count)``.
+
+  ``init_fn(params)`` makes the state, a NamedTuple whose ``count`` field
+  counts the updates applied.
 
   On complex leaves JAX's gradient of the penalty is (λ/m)·conj(W), but an
   optax update must point along W to shrink it (optax takes the conjugate of
@@ -68,23 +88,26 @@ def _coupled(
   wd·W): the decay added is (λ/m)·W, so SGD drives |W| toward 0.
   """
 
-  def init_fn(params: Any) -> AddL2GradState:
-    check(params)  # resolve the mask now: a bad mask fails at init, not at step 1
-    return AddL2GradState(count=jnp.zeros([], jnp.int32))
-
-  def update_fn(
-    updates: Any, state: AddL2GradState, params: Any = None
-  ) -> tuple[Any, AddL2GradState]:
+  def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
     if params is None:
       raise ValueError(_NEEDS_PARAMS.format(name=name))
     lam_t = lam(state.count) if callable(lam) else lam
-    decay = grad_fn(params, lam_t)
+    decay = grad_fn(params, state, lam_t)
     updates = jax.tree_util.tree_map(
       lambda u, d: u + (jnp.conj(d) if jnp.iscomplexobj(d) else d).astype(u.dtype), updates, decay
     )
-    return updates, AddL2GradState(count=optax.safe_increment(state.count))
+    return updates, state._replace(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _anchor_leaf(anchor: Any, param: Any) -> jax.Array:
+  """An anchor leaf as a JAX array: a `jax.Array` as it is, a host value where its parameter is."""
+  if isinstance(anchor, jax.Array) or not isinstance(param, jax.Array):
+    return jnp.asarray(anchor)
+  if isinstance(param, jax.core.Tracer):  # `init` under jit (a sweep): placed by the program
+    return jnp.asarray(anchor)
+  return jax.device_put(anchor, param.sharding)
 
 
 def add_l2_grad(
@@ -120,11 +143,16 @@ def add_l2_grad(
   """
   _check_lam_or_schedule(lam)
   check_m(m)
+
+  def init_fn(params: Any) -> AddL2GradState:
+    resolve(params, mask)  # resolve the mask now: a bad mask fails at init, not at step 1
+    return AddL2GradState(count=jnp.zeros([], jnp.int32))
+
   return _coupled(
     "add_l2_grad",
     lam,
-    lambda params, lam_t: l2_penalty_grad(params, lam_t, m, mask=mask),
-    lambda params: resolve(params, mask),
+    lambda params, state, lam_t: l2_penalty_grad(params, lam_t, m, mask=mask),
+    init_fn,
   )
 
 
@@ -143,7 +171,11 @@ def l2_sp_grad(
     lam, m, mask: as for `jaxl2.add_l2_grad`.
 
   Returns:
-    An `optax.GradientTransformation`; its ``update`` needs ``params``.
+    An `optax.GradientTransformation`; its ``update`` needs ``params``. Its
+    state, `jaxl2.L2SPGradState`, holds the anchor: a compiled update takes
+    it as an argument, so it may be sharded like the params, over several
+    processes too. ``init`` puts a host (NumPy) anchor leaf where its
+    parameter is.
 
   Raises:
     ValueError: as `jaxl2.add_l2_grad`; an ``anchor`` that does not match
@@ -160,11 +192,18 @@ def l2_sp_grad(
   """
   _check_lam_or_schedule(lam)
   check_m(m)
+
+  def init_fn(params: Any) -> L2SPGradState:
+    selection = resolve(params, mask)
+    anchor_values(selection, anchor)  # a mismatched anchor fails at init, not at step 1
+    placed = jax.tree_util.tree_map(_anchor_leaf, anchor, params)
+    return L2SPGradState(count=jnp.zeros([], jnp.int32), anchor=placed)
+
   return _coupled(
     "l2_sp_grad",
     lam,
-    lambda params, lam_t: l2_sp_penalty_grad(params, anchor, lam_t, m, mask=mask),
-    lambda params: anchor_values(resolve(params, mask), anchor),
+    lambda params, state, lam_t: l2_sp_penalty_grad(params, state.anchor, lam_t, m, mask=mask),
+    init_fn,
   )
 
 

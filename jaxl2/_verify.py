@@ -117,6 +117,12 @@ def verify_penalty(
   ``loss_fn`` is traced once (as `jax.grad` would), in one compiled program,
   and the verdict is Python on the numbers that program returns.
 
+  On params spread over several processes (a pod), call it in every
+  process: the per-leaf fits are made inside the program, where the leaves
+  are, and every process gets the same report from the same few numbers.
+  ``loss_fn`` may close over the global batch: the data term drops out of
+  the program, so nothing of it is captured.
+
   Args:
     loss_fn: the user's regularized loss, ``loss_fn(params, lam) -> scalar``,
       a closure over the data (e.g. ``lambda p, lam: mse(p, x, y) +
@@ -141,7 +147,10 @@ def verify_penalty(
     TypeError: ``loss_fn`` not callable, or not differentiable in ``lam``;
       ``lam`` or ``m`` not a real scalar.
     ValueError: ``lam`` < 0, ``m`` ≤ 0, a bad ``rtol`` or ``batch_size``;
-      an intended ``mask`` that selects nothing.
+      an intended ``mask`` that selects nothing; leaves placed on different
+      devices (one on this process's devices only, next to leaves that span
+      processes); a ``loss_fn`` whose λ-terms need an array it closes over
+      that spans several processes.
 
   Example:
     >>> import jax.numpy as jnp, jaxl2
@@ -217,7 +226,10 @@ def verify_update(
   cannot tell: such leaves are ``ok`` with the note "untestable". Zero
   leaves are redrawn at random, as in `jaxl2.verify_penalty`. Call it
   outside `jax.jit`, with concrete values; ``tx`` and ``base_tx`` are traced
-  once, in one compiled program.
+  once, in one compiled program. On several processes, as
+  `jaxl2.verify_penalty`; a transform that closes over an array spread over
+  the processes cannot be compiled (hold it in the transform's state, as
+  `jaxl2.l2_sp_grad` holds its anchor).
 
   Args:
     tx: the user's `optax.GradientTransformation` (its ``update`` gets params).
@@ -226,7 +238,8 @@ def verify_update(
     lam: λ ≥ 0 that ``tx`` should implement.
     m: the number of training inputs, > 0.
     mask: the intended selection, as for `jaxl2.l2_penalty`.
-    grads: the gradients of the compared step (structure of ``params``).
+    grads: the gradients of the compared step (structure of ``params``):
+      arrays placed as the params, or NumPy (the same in every process).
       Default: a fixed normal draw per leaf, with a standard deviation of
       max(1, 10⁶·(λ/m)·rms(W)) so that the decay is a small perturbation of
       it and a wrong rate under Adam reads as a clean factor.
@@ -239,7 +252,9 @@ def verify_update(
   Raises:
     TypeError: ``tx`` or ``base_tx`` without ``init``/``update``; ``lam``
       or ``m`` not a real scalar.
-    ValueError: as `jaxl2.verify_penalty`; ``grads`` not shaped like ``params``.
+    ValueError: as `jaxl2.verify_penalty`; ``grads`` not shaped like
+      ``params``, or placed on other devices; ``tx`` or ``base_tx`` closes
+      over an array that spans several processes.
 
   Example:
     >>> import jax.numpy as jnp, optax, jaxl2
@@ -263,7 +278,7 @@ def verify_update(
 
   def frozen_or_rounded(k: int, row: VerifyRow) -> VerifyRow:
     leaf, found = probe.tree.leaves[probe.tree.index[k]], measured[k]
-    rounding = rounding_note(leaf, found.effect, found.weights)
+    rounding = rounding_note(getattr(leaf, "dtype", None), found.rounding)
     return frozen_or_rounding(row, found.frozen, found.fit.measured, rounding)
 
   fits = [found.fit for found in measured]

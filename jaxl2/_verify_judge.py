@@ -18,7 +18,6 @@ import numpy as np
 from jaxl2._paths import Leaf
 from jaxl2._roles import Role, role_of
 from jaxl2._verify_fit import LeafFit
-from jaxl2._verify_probe import HALF_PRECISION
 from jaxl2._verify_report import UNTESTABLE, Status, VerifyRow
 
 __all__ = ["Units", "frozen_or_rounding", "judge", "lam_form", "rounding_note"]
@@ -185,24 +184,20 @@ def frozen_or_rounding(row: VerifyRow, frozen: bool, measured: float, rounding: 
   return row
 
 
-def rounding_note(leaf: Any, effect: np.ndarray, w: np.ndarray) -> str:
-  """Why the decay of a bf16/fp16 ``leaf`` is lost when the update is applied, or ""."""
-  dtype = jnp.dtype(getattr(leaf, "dtype", np.float32))
-  if dtype not in HALF_PRECISION:
+def rounding_note(dtype: Any, stats: Any) -> str:
+  """Why the decay of a bf16/fp16 leaf is lost when the update is applied, or "".
+
+  ``stats`` are the leaf's `jaxl2._verify_fit.rounding_stats` (None for
+  other leaves): the fraction of entries whose decay is below half an ulp of
+  w, the decay relative to w, half an ulp relative to w, and whether any w ≠ 0.
+  """
+  if stats is None:
     return ""
-  w = np.abs(np.asarray(w, np.float64).ravel())
-  effect = np.abs(np.asarray(effect, np.float64).ravel())
-  nonzero = w > 0
-  if not np.any(nonzero):
-    return ""
-  w, effect = w[nonzero], effect[nonzero]
-  # ulp of a normal number: 2^(exponent − mantissa bits) in the leaf's own dtype.
-  half_ulp = 0.5 * np.exp2(np.floor(np.log2(w)) - jnp.finfo(dtype).nmant)
-  lost = float(np.mean(effect < half_ulp))
-  if lost <= 0.5:
+  lost, decay, half_ulp, any_nonzero = (float(x) for x in stats)
+  if not any_nonzero or lost <= 0.5:
     return ""
   return (
-    f"rounds away: the decay per step is {float(np.median(effect / w)):.2g}·|w| (lr·λ/m under "
-    f"SGD), below half an ulp of w in {dtype.name} ({float(np.median(half_ulp / w)):.2g}·|w|) "
+    f"rounds away: the decay per step is {decay:.2g}·|w| (lr·λ/m under "
+    f"SGD), below half an ulp of w in {jnp.dtype(dtype).name} ({half_ulp:.2g}·|w|) "
     f"for {lost:.0%} of the entries; keep float32 master weights or a larger lr·λ/m"
   )

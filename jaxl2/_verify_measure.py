@@ -17,7 +17,9 @@ How the measurement avoids float32 cancellation:
   the same derivative of ``base_tx(g + (λ/m)·c·W)``.
 
 Each measurement is one compiled program (the user's function is traced
-once, as `jax.grad` would); the fits are NumPy on the few arrays it returns.
+once, as `jax.grad` would). The fits are NumPy on the few arrays it returns,
+or, for params spread over several processes, part of the program: then
+only a few numbers per leaf come back (`jaxl2._verify_fit`).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxl2._hosts import closed_over_global, placed_like, spans_processes, to_host
 from jaxl2._mask_builders import all_floating
 from jaxl2._penalties import l2_penalty_grad
-from jaxl2._verify_fit import LeafFit, leaf_fit
+from jaxl2._verify_fit import LeafFit, penalty_fits, update_fits
 from jaxl2._verify_probe import Probe, ProbeTree, standard_normal
 
 __all__ = ["measure_penalty", "measure_update"]
@@ -41,6 +44,16 @@ _NOT_DIFFERENTIABLE = (
   "`loss_fn(params, lam)` must be differentiable in `lam`: `verify_penalty` takes "
   "∂/∂λ of its gradient, so `lam` must enter as a number in arithmetic (no "
   "`if lam > 0`, `float(lam)` or `lam.item()` inside)."
+)
+_TX_CLOSURE_FIX = (
+  "An optax transform that needs arrays must take them from its state or the params, which "
+  "are arguments of the compiled update; replicate the array, "
+  "`jax.device_put(x, NamedSharding(mesh, P()))`, to let the closure be compiled."
+)
+_CLOSURE_FIX = (
+  "The data term drops out of this check (a loss may close over the global batch), but a "
+  "term with λ needs what it reads: an L2-SP anchor, say. Replicate that array for the check, "
+  "`jax.device_put(x, NamedSharding(mesh, P()))`: a replicated array can be captured."
 )
 
 
@@ -60,6 +73,29 @@ def _rate_and_value(
   return rate, [r - 0.5 * lam * c for r, c in zip(rate, curvature, strict=True)]
 
 
+def _fit_where_leaves_live(
+  program: Callable[..., list[tuple[Any, ...]]],
+  args: tuple[Any, ...],
+  fits: list[Callable[..., Any]],
+  on_devices: bool,
+) -> list[Any]:
+  """Runs ``program`` (per leaf, the arrays its fit takes) compiled, and ``fits`` each leaf.
+
+  The fits run inside the program when the params span several processes
+  (``on_devices``: only their numbers reach the host, the same in every
+  process), and on the host otherwise.
+  """
+
+  def fitted(*a: Any) -> list[Any]:
+    terms = program(*a)
+    if not on_devices:
+      return terms
+    return [fit(*t, xp=jnp) for fit, t in zip(fits, terms, strict=True)]
+
+  out = to_host(jax.jit(fitted)(*args))
+  return out if on_devices else [fit(*t, xp=np) for fit, t in zip(fits, out, strict=True)]
+
+
 def measure_penalty(probe: Probe, lam: Any, m: float) -> tuple[list[LeafFit], list[LeafFit]]:
   """The penalty gradient at λ (per unit λ) and its rate of change in λ, fitted onto c·W/m.
 
@@ -72,21 +108,23 @@ def measure_penalty(probe: Probe, lam: Any, m: float) -> tuple[list[LeafFit], li
 
   Raises:
     TypeError: ``loss_fn`` is not differentiable in ``lam``.
+    ValueError: ``loss_fn`` closes over an array that spans several processes.
   """
   wide = any(jnp.finfo(x.dtype).bits == 64 for x in probe.floats)
   lam = jnp.asarray(lam, jnp.float64 if wide else jnp.float32)
-  run = jax.jit(functools.partial(_rate_and_value, probe.loss_fn, probe.tree))
+
+  def terms(floats: list[jax.Array], lam: jax.Array) -> list[tuple[Any, ...]]:
+    rate, value = _rate_and_value(probe.loss_fn, probe.tree, floats, lam)
+    return list(zip(rate, value, floats, strict=True))
+
+  fits = [functools.partial(penalty_fits, c=c, m=m) for c in probe.multipliers]
+  on_devices = any(map(spans_processes, probe.floats))
   try:
-    rate, value = jax.device_get(run(probe.floats, lam))
+    with closed_over_global("`loss_fn`", _CLOSURE_FIX):
+      out = _fit_where_leaves_live(terms, (probe.floats, lam), fits, on_devices)
   except jax.errors.ConcretizationTypeError as err:
     raise TypeError(_NOT_DIFFERENTIABLE) from err
-  value_fits, rate_fits = [], []
-  for s, v, w, c in zip(rate, value, jax.device_get(probe.floats), probe.multipliers, strict=True):
-    unit = np.conj(w) / np.asarray(m, w.real.dtype)  # JAX's gradient convention for complex
-    intended = np.asarray(c, unit.real.dtype) * unit
-    value_fits.append(leaf_fit(v, intended, unit, w))
-    rate_fits.append(leaf_fit(s, intended, unit, w))
-  return value_fits, rate_fits
+  return [LeafFit.of(f[0]) for f in out], [LeafFit.of(f[1]) for f in out]
 
 
 # ---- updates ---------------------------------------------------------------------------
@@ -98,14 +136,13 @@ class UpdateMeasure(NamedTuple):
   Attributes:
     fit: the measured effect fitted onto coupled L2 through ``base_tx``.
     frozen: ``base_tx`` gives the leaf an all-zero update for a non-zero gradient.
-    effect: the decay's measured effect on the update (host array).
-    weights: the leaf's weights W the update was taken at (host array).
+    rounding: for a bf16/fp16 leaf, `jaxl2._verify_fit.rounding_stats` of the decay's
+      effect; else None.
   """
 
   fit: LeafFit
   frozen: bool
-  effect: np.ndarray
-  weights: np.ndarray
+  rounding: np.ndarray | None
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -224,24 +261,33 @@ def measure_update(
   """Measures the decay's effect in ``tx`` against coupled L2 through ``base_tx``, per leaf.
 
   ``grads`` are the compared step's gradients at the floating leaves; None draws them.
+
+  Raises:
+    ValueError: ``tx`` or ``base_tx`` closes over an array that spans several processes.
   """
   tree, floats = probe.tree, probe.floats
   draws = [standard_normal((1, k), w) for k, w in enumerate(floats)]
-  noise = (draws, [np.roll(n, 1) for n in draws])  # shifted: independent element by element
-  slopes = jax.jit(functools.partial(_update_slopes, tx, base_tx, tree, probe.multipliers, lam, m))
-  user, through_base = jax.device_get(slopes(floats, grads, noise))
-  # Only a leaf on which no decay can act through `base_tx` may be frozen: the
-  # second program (the base update's value) runs only when there is one.
-  blind = [not np.any(b[2] - b[0]) for b in through_base]
-  flags = blind
-  if any(blind):
-    frozen = jax.jit(functools.partial(_frozen_flags, base_tx, tree, lam / m))
-    flags = jax.device_get(frozen(floats, grads, noise))
-  out = []
-  for u, b, w, blind_i, flag in zip(
-    user, through_base, jax.device_get(floats), blind, flags, strict=True
-  ):
-    effect = u - b[0]
-    fit = leaf_fit(effect, b[1] - b[0], b[2] - b[0], w)
-    out.append(UpdateMeasure(fit, bool(blind_i and flag), effect, w))
-  return out
+  noise = [draws, [np.roll(n, 1) for n in draws]]  # shifted: independent element by element
+  noise = [[placed_like(n, w) for n, w in zip(ns, floats, strict=True)] for ns in noise]
+
+  def terms(floats: list[jax.Array], grads: Any, noise: Any) -> list[tuple[Any, ...]]:
+    user, base = _update_slopes(tx, base_tx, tree, probe.multipliers, lam, m, floats, grads, noise)
+    return list(zip(user, base, floats, strict=True))
+
+  dtypes = [jnp.dtype(getattr(tree.leaves[i], "dtype", np.float32)) for i in tree.index]
+  fits = [functools.partial(update_fits, dtype=dtype) for dtype in dtypes]
+  on_devices = any(map(spans_processes, floats))
+  with closed_over_global("`tx` or `base_tx`", _TX_CLOSURE_FIX):
+    measured = _fit_where_leaves_live(terms, (floats, grads, noise), fits, on_devices)
+    # Only a leaf on which no decay can act through `base_tx` may be frozen: the
+    # second program (the base update's value) runs only when there is one.
+    fits = [LeafFit.of(fit) for fit, _ in measured]
+    blind = [fit.unit == 0 for fit in fits]  # no decay acts through `base_tx`
+    flags = blind
+    if any(blind):
+      frozen = jax.jit(functools.partial(_frozen_flags, base_tx, tree, lam / m))
+      flags = to_host(frozen(floats, grads, noise))
+  return [
+    UpdateMeasure(fit, bool(blind_i and flag), rounding)
+    for fit, (_, rounding), blind_i, flag in zip(fits, measured, blind, flags, strict=True)
+  ]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2._dtypes import is_inexact
+from jaxl2._hosts import check_devices, placed_like, spans_processes, to_host
 from jaxl2._masks import MaskSpec, Selection, resolve
 from jaxl2._paths import flatten
 
@@ -80,13 +81,20 @@ def probe_point(
   """The `Probe` of a check of ``params`` against the intended ``mask``.
 
   Raises:
-    ValueError: ``mask`` selects nothing, or names a pattern that matches no leaf.
+    ValueError: ``mask`` selects nothing, or names a pattern that matches no leaf; leaves
+      placed on different devices.
   """
   selection = resolve(params, mask)
+  check_devices(((leaf.path, leaf.value) for leaf in selection.leaves), "params")
   params, selection, loss_fn = _nnx_param_state(params, selection, loss_fn)
   tree, floats = _floating_leaves(params)
   multipliers = [selection.multipliers[i] for i in tree.index]
   return Probe(tree, floats, selection, multipliers, loss_fn)
+
+
+@jax.jit
+def _nonzero(values: list[jax.Array]) -> list[jax.Array]:
+  return [jnp.any(x != 0) for x in values]
 
 
 def _floating_leaves(params: Any) -> tuple[ProbeTree, list[Any]]:
@@ -95,18 +103,29 @@ def _floating_leaves(params: Any) -> tuple[ProbeTree, list[Any]]:
   bf16/fp16 leaves are upcast to float32. At W = 0 the gradient of any L2
   penalty is 0, so a freshly initialized (zero) bias would look unpenalized
   whatever the code does: leaves that are all zeros are replaced by a fixed
-  N(0, 1) draw.
+  N(0, 1) draw. Leaves that span several processes are upcast and tested on
+  their devices, and a draw is placed as the leaf it replaces.
   """
   leaves, treedef = jax.tree_util.tree_flatten(params)
   index = [i for i, value in enumerate(leaves) if is_inexact(value)]
   floats = []
-  for k, i in enumerate(index):
-    value = jnp.asarray(leaves[i])
+  for i in index:
+    value = leaves[i]
+    if spans_processes(value):
+      floats.append(value.astype(jnp.float32) if value.dtype in HALF_PRECISION else value)
+      continue
+    value = jnp.asarray(value)
     if value.dtype in HALF_PRECISION:
       value = np.asarray(value).astype(np.float32)
-    if value.size and not np.any(np.asarray(value)):
-      value = standard_normal((0, k), value)
     floats.append(value)
+  spread = [k for k, w in enumerate(floats) if spans_processes(w)]
+  nonzero = {}
+  if spread:  # one program for all of them
+    nonzero = dict(zip(spread, to_host(_nonzero([floats[k] for k in spread])), strict=True))
+  for k, value in enumerate(floats):
+    zero = not nonzero[k] if k in nonzero else not np.any(np.asarray(value))
+    if value.size and zero:
+      floats[k] = placed_like(standard_normal((0, k), value), value)
   return ProbeTree(leaves, treedef, index), floats
 
 
@@ -147,7 +166,8 @@ def pick_grads(probe: Probe, grads: Any) -> list[jax.Array]:
   """The user's ``grads`` at the probe's floating leaves, in the dtype the probe has there.
 
   Raises:
-    ValueError: ``grads`` does not have the structure, or a leaf the shape, of the params.
+    ValueError: ``grads`` does not have the structure, or a leaf the shape, of the params,
+      or is placed on other devices.
   """
   tree = probe.tree
   try:
@@ -157,10 +177,15 @@ def pick_grads(probe: Probe, grads: Any) -> list[jax.Array]:
       f"`grads` must have the structure of `params`; got {jax.tree_util.tree_structure(grads)} "
       f"for params {tree.treedef} ({err})."
     ) from None
+  paths = [probe.selection.leaves[i].path for i in tree.index]
+  params = [(f"`params` leaf at '{path}'", w) for path, w in zip(paths, probe.floats, strict=True)]
+  check_devices(zip(paths, picked, strict=True), "grads", like=params)
   out = []
-  for g, w in zip(picked, probe.floats, strict=True):
-    g = jnp.asarray(g)
-    if g.shape != w.shape:
-      raise ValueError(f"`grads` leaf has shape {g.shape}; its parameter has shape {w.shape}.")
-    out.append(g.astype(w.dtype))  # the probe's dtype: float32 for bf16/fp16 leaves
+  for path, g, w in zip(paths, picked, probe.floats, strict=True):
+    g = placed_like(np.asarray(g), w) if not isinstance(g, jax.Array) else g
+    if np.shape(g) != w.shape:
+      raise ValueError(
+        f"`grads` leaf at '{path}' has shape {np.shape(g)}; its parameter has shape {w.shape}."
+      )
+    out.append(jnp.asarray(g).astype(w.dtype))  # the probe's dtype: float32 for bf16/fp16 leaves
   return out

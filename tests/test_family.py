@@ -800,3 +800,26 @@ def test_l2_sp_grad_follows_sgd_on_the_penalized_loss_for_100_steps():
 
     # The anchor term mattered: plain SGD ends farther from the anchor.
     assert sq_dist(by_penalty[-1]) < sq_dist(run(optax.sgd(lr), loss)[-1]) - 1e-3
+
+
+def test_l2_sp_grad_keeps_its_anchor_in_the_state_not_in_the_compiled_update():
+  # A closure over the anchor is baked into a compiled update as a constant, and cannot be
+  # compiled at all once the anchor spans several processes (tests/test_multiprocess.py):
+  # the anchor is an argument, from the state.
+  rng = np.random.default_rng(4)
+  params = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32), "b": jnp.zeros(4)}
+  anchor = {"w": rng.normal(size=(8, 4)).astype(np.float32), "b": np.ones(4, np.float32)}
+  tx = optax.chain(jaxl2.l2_sp_grad(anchor, 2.0, 10.0), optax.sgd(1.0))
+  state = tx.init(params)
+  assert isinstance(state[0], jaxl2.L2SPGradState)
+  assert all(isinstance(a, jax.Array) for a in jax.tree_util.tree_leaves(state[0].anchor))
+  np.testing.assert_array_equal(state[0].anchor["w"], anchor["w"])
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  closed = jax.make_jaxpr(tx.update)(zeros, state, params)
+  assert not [c for c in closed.consts if np.size(c) > 1], closed.consts
+  updates, state = jax.jit(tx.update)(zeros, state, params)
+  # SGD on the decay alone: −(λ/m)·(W − W₀) on the kernel, the bias unselected; float32.
+  expected = -0.2 * (helpers.as_f64(params["w"]) - anchor["w"])
+  np.testing.assert_allclose(updates["w"], expected, rtol=1e-6)
+  np.testing.assert_array_equal(updates["b"], 0.0)
+  assert int(state[0].count) == 1

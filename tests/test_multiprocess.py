@@ -1,0 +1,181 @@
+"""Every public function on two "hosts": 2 processes × 4 CPU devices against 1 process × 8.
+
+`tests.multiprocess.run` starts the processes (joined by
+`jax.distributed.initialize` over localhost, JAX's CPU collectives); the
+cases are in `tests.multiprocess_cases`, grouped so that each group starts
+its processes once. Each test runs one group on 2 processes × 4 devices and
+on 1 process × 8 devices, then checks that the two processes returned the
+same thing (one program: the same replicated numbers, the same reports) and
+that it equals the one-process run to the tolerance stated with each check.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests import multiprocess, multiprocess_cases
+
+# float32 sums over 8 devices whose partial sums are combined by the CPU collectives across
+# processes, in another order than within one process: a few ulps, 1e-6 relative; 1e-7
+# absolute for gradient entries that are cancellations of larger terms.
+RTOL, ATOL = 1e-6, 1e-7
+
+
+def _runs(group: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The group's results on process 0 of 2 × 4 devices, and on 1 process × 8 devices."""
+  target = f"tests.multiprocess_cases:{group}"
+  two = multiprocess.run(target, processes=2, devices=4)
+  (one,) = multiprocess.run(target, processes=1, devices=8)
+  for case, result in two[0].items():  # one program: every process gets the same result
+    other = two[1][case]
+    if isinstance(result, dict) and "error" in result:  # but its own device ids
+      assert _masked(result["error"]) == _masked(other["error"]), case
+    else:
+      assert result == other, f"{case}: the two processes disagree"
+  return two[0], one
+
+
+def _array(x: Any) -> np.ndarray | None:
+  """``x`` as a float array if it is a number or a (nested, rectangular) list of numbers."""
+  if x is None or isinstance(x, (bool, str, dict)):
+    return None
+  try:
+    return np.asarray(x, dtype=np.float64)
+  except (TypeError, ValueError):  # a ragged list: compared element by element
+    return None
+
+
+def _assert_close(two: Any, one: Any, path: str, rtol: float, atol: float) -> None:
+  """Numbers (and arrays of them) within tolerance, NaN where NaN; everything else equal."""
+  a, b = _array(two), _array(one)
+  if a is not None and b is not None:
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=path)
+  elif isinstance(two, dict) and isinstance(one, dict):
+    assert two.keys() == one.keys(), path
+    for k in two:
+      _assert_close(two[k], one[k], f"{path}/{k}", rtol, atol)
+  elif isinstance(two, list) and isinstance(one, list) and len(two) == len(one):
+    for i, (x, y) in enumerate(zip(two, one, strict=True)):
+      _assert_close(x, y, f"{path}[{i}]", rtol, atol)
+  else:
+    assert two == one, f"{path}: {two!r} on 2 processes, {one!r} on 1"
+
+
+def _all_close(group: str, cases: int, rtol: float, atol: float) -> dict[str, Any]:
+  """Runs ``group``: no case fails, and every result on 2 processes is close to 1 process's."""
+  two, one = _runs(group)
+  errors = {k: v["error"] for k, v in two.items() if isinstance(v, dict) and "error" in v}
+  assert not errors, errors
+  assert set(two) == set(one) and len(one) == cases
+  for case in one:
+    _assert_close(two[case], one[case], case, rtol, atol)
+  return two
+
+
+def test_penalties_grads_and_transforms_on_two_processes_equal_one_process():
+  # Each penalty, its gradient (analytic and jax.grad) eager and jitted, `regularized` on the
+  # global batch, and 3 optax steps of add_l2_grad (constant λ, schedule) and l2_sp_grad (its
+  # anchor sharded like the params), on replicated and FSDP kernels (Auto and Explicit axes).
+  _all_close("penalties", 39, RTOL, ATOL)
+
+
+_NUMBER = re.compile(r"-?\d+(\.\d+)?(e[+-]?\d+)?")
+
+
+def _masked(text: str) -> str:
+  """A report with its numbers masked: what must be equal to the letter."""
+  return _NUMBER.sub("#", text)
+
+
+# A case that must fail on several processes: its error there, and on one process (None: works).
+EXPECTED_ERRORS = {
+  "error verify_penalty pinned leaf": (
+    r"ValueError: `params` leaf at 'extra' is placed on devices \[\d+\], but `params` leaf at "
+    r"'conv/kernel' is on devices \[.*\]: one compiled program cannot take both\. Place it as "
+    r"the others, e\.g\. `jax\.device_put\(np\.asarray\(value\), NamedSharding\(mesh, P\(\)\)\)`",
+  )
+  * 2,
+  "error verify_update pinned grads": (
+    r"ValueError: `grads` leaf at 'conv/kernel' is placed on devices \[\d+\], but `params` leaf "
+    r"at 'conv/kernel' is on devices \[.*\]: one compiled program cannot take both",
+  )
+  * 2,
+  "error verify_penalty loss closes over a global anchor": (
+    r"ValueError: `loss_fn` closes over a jax\.Array that spans several processes, which a "
+    r"compiled program cannot capture \(JAX: .*\)\. The data term drops out of this check .*"
+    r"Replicate that array for the check",
+    None,
+  ),
+  "error verify_update tx closes over a global array": (
+    r"ValueError: `tx` or `base_tx` closes over a jax\.Array that spans several processes, which "
+    r"a compiled program cannot capture \(JAX: float32\[3,3,4,8\]\)\. An optax transform that "
+    r"needs arrays must take them from its state or the params",
+    None,
+  ),
+}
+
+
+def _report_numbers(result: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in result.items() if k != "text"}
+
+
+def test_describe_and_verify_on_two_processes_equal_one_process():
+  # describe (rows and totals) and verify_penalty/verify_update (a right and a wrong loss or
+  # optimizer; NumPy grads; a bf16 decay that rounds away) on replicated and FSDP params. On
+  # 2 processes the fits and norms are reduced on the devices in float32, where 1 process
+  # computes them on the host (float64 norms): the tables are equal to the letter but for
+  # their digits, and the numbers to 1e-6 relative (a misfit of ~1e-7 is noise: atol 1e-6).
+  two, one = _runs("reports")
+  assert set(two) == set(one) and len(one) == 24
+  for case in sorted(set(one) - set(EXPECTED_ERRORS)):
+    a, b = two[case], one[case]
+    assert "error" not in a and "error" not in b, (case, a, b)
+    assert _masked(a["text"]) == _masked(b["text"]), f"{case}:\n{a['text']}\n{b['text']}"
+    _assert_close(_report_numbers(a), _report_numbers(b), case, rtol=RTOL, atol=1e-6)
+  wrong = [
+    row["status"] for c in one if c.startswith("verify_penalty wrong") for row in one[c]["rows"]
+  ]
+  assert set(wrong) == {"scaled", "unexpected"}  # the wrong loss is caught on every layout
+  rounding = {row["path"]: row["status"] for row in two["verify_update rounds away"]["rows"]}
+  assert rounding == {"b": "ok", "w": "rounds-away"}
+  # What cannot work across processes fails clearly, in every process, and never hangs.
+  for case, (on_two, on_one) in EXPECTED_ERRORS.items():
+    assert re.match(on_two, two[case].get("error", "")), (case, two[case])
+    if on_one is None:
+      assert "error" not in one[case], (case, one[case])
+    else:
+      assert re.match(on_one, one[case].get("error", "")), (case, one[case])
+
+
+# Adam divides each step by the gradient's own size, so a gradient entry that is a
+# cancellation (float32 rounding of the batch mean differs with the summation order) moves its
+# weight by up to lr·1e-4: 4e-6 seen after 6 steps at lr 1e-2; 1e-5 absolute and relative.
+TRAIN_RTOL = TRAIN_ATOL = 1e-5
+
+
+def test_every_training_form_on_two_processes_equals_one_process():
+  # make_train_step: the simple form (param_sharding with host params; params already global
+  # with a host batch split by batch_sharding) on replicated and FSDP kernels, Auto and
+  # Explicit axes; the general form with linen BatchNorm + dropout, an NNX module, an
+  # Equinox module with eqx.nn.State. 5 steps, λ doubled, 1 more; then make_eval_step.
+  two = _all_close("training", 12, TRAIN_RTOL, TRAIN_ATOL)
+  assert {r["step"] for r in two.values()} == {multiprocess_cases.STEPS + 1}
+  for case in (c for c in two if "param_sharding" in c):
+    assert two[case]["layout kept"], case
+  for case in (c for c in two if "inferred" in c):
+    assert two[case]["no all-gather"], case  # the penalty all-reduces scalars only
+
+
+def test_a_failing_process_ends_its_peers_instead_of_hanging():
+  # Process 1 raises; process 0 waits for it in a collective that would never complete.
+  start = time.perf_counter()
+  with pytest.raises(multiprocess.MultiprocessError, match=r"(?s)a process failed.*planted"):
+    multiprocess.run(
+      "tests.multiprocess_cases:fails_on_process_1", processes=2, devices=1, timeout_s=60
+    )
+  assert time.perf_counter() - start < 60
