@@ -204,15 +204,3 @@ def optax_trajectory(tx, loss, params, steps):
     params, state = step(params, state)
     trajectory.append(params)
   return trajectory
-
-
-def cpu_devices_env(n: int) -> dict[str, str]:
-  """This process's environment, with JAX on ``n`` simulated CPU devices (for a subprocess)."""
-  import os
-  import re
-
-  env = dict(os.environ)
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-  env["JAX_PLATFORMS"] = "cpu"  # the simulated devices are CPU devices, even on a GPU host
-  return env

@@ -21,9 +21,7 @@ and print the latest checkpoint the run found in DIR (None for none).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import signal
 import sys
 
 import jax
@@ -31,29 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.path import atomicity
 
 import jaxl2
+from tests.faults import kill, kill_in_finalize
 
 STEPS, EVERY, KILL_AT = 12, 4, {"kill-early": 2, "kill-mid": 6}
 SAVE_KILLED = 8  # the step whose save is killed in "kill-save"
-
-
-def _kill() -> None:
-  os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _kill_in_finalize(directory: pathlib.Path) -> None:
-  """Wraps orbax's finalize (the rename of a complete temporary folder) to die at step 8's."""
-  original = atomicity.AtomicRenameTemporaryPath.finalize
-
-  async def finalize(self, *args, **kwargs):
-    tmp = pathlib.Path(self.get())
-    if tmp.parent == directory and tmp.name.startswith(f"{SAVE_KILLED}."):
-      _kill()
-    return await original(self, *args, **kwargs)
-
-  atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
 
 def _init(key):
@@ -84,7 +65,7 @@ def _data(n, seed):
 def sweep(directory: pathlib.Path, kill_at: int | None = None) -> jaxl2.SweepResult:
   def progress(done, total):
     if done == kill_at:
-      _kill()
+      kill()
 
   return jaxl2.sweep(
     _init, None, _loss, optax.adam(1e-2), _data(40, 0), _data(30, 1), lams=[0.0, 0.5, 3.0],
@@ -97,7 +78,7 @@ def main(mode: str, directory: str) -> None:
   path = pathlib.Path(directory).resolve()
   found = ocp.CheckpointManager(path).latest_step() if path.exists() else None
   if mode == "kill-save":
-    _kill_in_finalize(path)
+    kill_in_finalize(path, SAVE_KILLED)
   result = sweep(path, KILL_AT.get(mode))
   if mode not in ("full", "resume"):
     raise SystemExit(f"mode {mode!r} ran to the end without being killed")

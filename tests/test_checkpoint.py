@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from tests import checkpoint_forms, helpers
+from tests import checkpoint_forms, multiprocess
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ def _run(mode: str, directory: str) -> dict:
   proc = subprocess.run(
     [sys.executable, "-m", "tests.checkpoint_forms", mode, directory],
     cwd=ROOT,
-    env=helpers.cpu_devices_env(4),
+    env=multiprocess.cpu_devices_env(4),
     capture_output=True,
     text=True,
     timeout=600,

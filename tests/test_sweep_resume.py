@@ -8,12 +8,9 @@ directory. Reference: the uninterrupted run; tolerance: none.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
-import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -23,25 +20,16 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jaxl2
+from tests import faults
 from tests import sweep_faults as small
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _child(mode: str, directory: pathlib.Path) -> subprocess.CompletedProcess:
-  return subprocess.run(
-    [sys.executable, "-m", "tests.sweep_faults", mode, str(directory)],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  return faults.child("tests.sweep_faults", mode, directory)
 
 
 def _finished(mode: str, directory: pathlib.Path) -> dict:
-  proc = _child(mode, directory)
-  assert proc.returncode == 0, proc.stderr[-6000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return faults.finished("tests.sweep_faults", mode, directory)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +46,8 @@ KILLS = [("kill-early", [], False), ("kill-mid", [4], False), ("kill-save", [4],
 @pytest.mark.parametrize(("mode", "complete", "partial"), KILLS, ids=[k[0] for k in KILLS])
 def test_a_killed_sweep_resumes_bit_for_bit(uninterrupted, tmp_path, mode, complete, partial):
   directory = tmp_path / mode
-  killed = _child(mode, directory)
-  assert killed.returncode == -signal.SIGKILL, killed.stderr[-6000:]
-  entries = sorted(p.name for p in directory.iterdir())
-  assert [e for e in entries if e.isdigit()] == [str(s) for s in complete], entries
+  faults.assert_killed_leaving(_child(mode, directory), directory, complete, partial)
   # The save killed in its finalize step left its temporary folder, never a step folder.
-  assert any("tmp" in e for e in entries) == partial, entries
   report = _finished("resume", directory)
   assert report["found"] == (complete[-1] if complete else None)
   resumed = np.load(directory.with_suffix(".npz"))

@@ -8,32 +8,21 @@ directory. Reference: the uninterrupted search; tolerance: none.
 
 from __future__ import annotations
 
-import json
 import pathlib
-import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests import faults
 
 
 def _child(mode: str, directory: pathlib.Path) -> subprocess.CompletedProcess:
-  return subprocess.run(
-    [sys.executable, "-m", "tests.tune_faults", mode, str(directory)],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  return faults.child("tests.tune_faults", mode, directory)
 
 
 def _finished(mode: str, directory: pathlib.Path) -> dict:
-  proc = _child(mode, directory)
-  assert proc.returncode == 0, proc.stderr[-6000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return faults.finished("tests.tune_faults", mode, directory)
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +48,7 @@ def test_a_killed_search_resumes_bit_for_bit(
 ):
   full_report, full = uninterrupted
   directory = tmp_path / mode
-  killed = _child(mode, directory)
-  assert killed.returncode == -signal.SIGKILL, killed.stderr[-6000:]
-  entries = sorted(p.name for p in directory.iterdir())
-  assert [e for e in entries if e.isdigit()] == [str(s) for s in complete], entries
-  assert any("tmp" in e for e in entries) == partial, entries  # never a half-written step
+  faults.assert_killed_leaving(_child(mode, directory), directory, complete, partial)
   report = _finished("resume", directory)
   assert report["found"] == (complete[-1] if complete else None)
   assert report["steps"] == steps  # it went on from the checkpoint, not from the start

@@ -20,9 +20,7 @@ checkpoint the run found in DIR.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import signal
 import sys
 
 import jax
@@ -30,35 +28,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.path import atomicity
 
 import jaxl2
+from tests.faults import kill, kill_in_finalize
 
 KILL_AT = {"kill-early": 5, "kill-mid": 35}
 SAVE_KILLED = 2  # the checkpoint (after the second λ) whose save "kill-save" interrupts
 _steps = {"n": 0, "kill_at": None}
 
 
-def _kill() -> None:
-  os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _count(_: jax.Array) -> None:
   _steps["n"] += 1
   if _steps["n"] == _steps["kill_at"]:
-    _kill()
-
-
-def _kill_in_finalize(directory: pathlib.Path) -> None:
-  original = atomicity.AtomicRenameTemporaryPath.finalize
-
-  async def finalize(self, *args, **kwargs):
-    tmp = pathlib.Path(self.get())
-    if tmp.parent == directory and tmp.name.startswith(f"{SAVE_KILLED}."):
-      _kill()
-    return await original(self, *args, **kwargs)
-
-  atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    kill()
 
 
 def _loss(params, state, batch, key):
@@ -95,7 +77,7 @@ def main(mode: str, directory: str) -> None:
   found = ocp.CheckpointManager(path).latest_step() if path.exists() else None
   _steps["kill_at"] = KILL_AT.get(mode)
   if mode == "kill-save":
-    _kill_in_finalize(path)
+    kill_in_finalize(path, SAVE_KILLED)
   result = tune(path)
   if mode not in ("full", "resume"):
     raise SystemExit(f"mode {mode!r} ran to the end without being killed")
