@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 from jax.experimental import checkify
 
 __all__ = [
+  "GROUPS_NOT_HERE",
   "check_callable",
   "check_count",
   "check_lam",
@@ -67,8 +69,25 @@ def concrete(value: Any) -> float | None:
   return float(value)
 
 
+# A {pattern: λ_g} table where one λ is needed: what takes one instead, and the equivalent here.
+GROUPS_NOT_HERE = (
+  "`{name}` is a {{pattern: λ}} table (one λ per group of leaves); this function takes one "
+  "number. One λ per group is taken by l2_penalty, l2_penalty_grad, regularized, "
+  "make_train_step, lam_hypergradient, effective_params and tune_lam. Here, fixed strengths per "
+  "group are mask multipliers: pass one λ and the ratios in the mask, e.g. `{name}=1.0, "
+  "mask=jaxl2.by_regex({{pattern: λ_g, ...}})`."
+)
+
+
 def check_lam(lam: Any, name: str = "lam") -> None:
-  """Checks λ: a real scalar, finite and ≥ 0 (values only where concrete)."""
+  """Checks λ: a real scalar, finite and ≥ 0 (values only where concrete).
+
+  Raises:
+    TypeError: also for a ``{pattern: λ}`` table, which only the functions
+      that take one λ per group accept (`jaxl2._lam_groups`).
+  """
+  if isinstance(lam, Mapping):
+    raise TypeError(GROUPS_NOT_HERE.format(name=name))
   check_real_scalar(lam, name)
   value = concrete(lam)
   if value is None:

@@ -17,6 +17,7 @@ from jax.flatten_util import ravel_pytree
 from jaxl2._checks import check_count
 from jaxl2._curvature import GaussNewton
 from jaxl2._implicit import MAXITER, solve_cg, troubles, vdot, warn_troubles
+from jaxl2._lam_groups import state_lam
 from jaxl2._lam_setup import Numbers, Options, inside, prepare
 from jaxl2._sketch import signs_like
 from jaxl2._train_state import TrainState
@@ -40,7 +41,11 @@ class EffectiveParams(NamedTuple):
 def _exact(options: Options, model: Any, train_data: Any, numbers: Numbers) -> jax.Array:
   inner = inside(options._replace(rank=0), numbers, model, train_data)
   flat, unravel = ravel_pytree(inner.w)
-  c = ravel_pytree(jax.tree_util.tree_map(lambda ci, x: ci * jnp.ones_like(x), inner.c, inner.w))[0]
+  # The penalty's diagonal, (λ/m)·c per entry (λ_g/m of the entry's group with groups).
+  penalty = jax.tree_util.tree_map(
+    lambda ci, si, x: si * ci * jnp.ones_like(x), inner.c, inner.scale, inner.w
+  )
+  penalty = ravel_pytree(penalty)[0]
   # n products, 64 at a time: the columns of the dense curvature.
   columns = jax.lax.map(
     lambda e: ravel_pytree(inner.product(unravel(e)))[0],
@@ -48,7 +53,7 @@ def _exact(options: Options, model: Any, train_data: Any, numbers: Numbers) -> j
     batch_size=min(64, flat.shape[0]),
   )
   h = (columns + columns.T) / 2
-  evals, q = jnp.linalg.eigh(h + jnp.diag(numbers.scale * c + numbers.damping))
+  evals, q = jnp.linalg.eigh(h + jnp.diag(penalty + numbers.damping))
   # tr(A⁺·C): a direction with A·q = 0 has no data and no penalty, and counts 0.
   keep = jnp.abs(evals) > evals.shape[0] * jnp.finfo(evals.dtype).eps * jnp.max(jnp.abs(evals))
   inverse = jnp.where(keep, 1 / jnp.where(keep, evals, 1.0), 0.0)
@@ -105,7 +110,8 @@ def effective_params(
   counts 1, one with neither counts 0. For ridge regression with design X
   (singular values d_i) it is Σ d_i²/(d_i² + λ/2), plus 1 for an unpenalized
   intercept (d_i then those of the centered design). It falls as λ grows: a
-  simpler model.
+  simpler model. With one λ per group (a ``train`` built with ``lam={pattern:
+  λ_g}``) the penalty's diagonal holds λ_g/m·c_j on the entries of group g.
 
   The model and data are taken as `jaxl2.lam_hypergradient` takes them (a
   `TrainStep`, its `TrainState`, the training set as an argument, summed over
@@ -161,5 +167,5 @@ def effective_params(
   check_count(probes, "probes", least=2, why=" (a standard error needs two)")
   out = jax.device_get(_hutchinson(options, probes, model, train_data, numbers))
   found = troubles(float(out["residual"]), tol, bool(out["negative_curvature"]), curvature=name)
-  warn_troubles("effective_params", float(jax.device_get(state.lam)), found)
+  warn_troubles("effective_params", state_lam(train, state), found)
   return EffectiveParams(float(out["value"]), float(out["stderr"]), probes, False, name)

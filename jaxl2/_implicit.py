@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxl2._checks import check_count
+from jaxl2._lam_groups import lam_text
 from jaxl2._masks import MaskSpec, resolve
 
 __all__ = [
@@ -175,6 +176,9 @@ def troubles(
 
 
 def warn_troubles(what: str, lam: Any, found: list[str]) -> None:
-  """One RuntimeWarning per trouble, attributed to the caller of the public function."""
+  """One RuntimeWarning per trouble, attributed to the caller of the public function.
+
+  ``lam``: one λ, or a ``{pattern: λ_g}`` table.
+  """
   for trouble in found:
-    warnings.warn(f"{what} at λ={float(lam):g}: {trouble}", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"{what} at λ={lam_text(lam)}: {trouble}", RuntimeWarning, stacklevel=3)

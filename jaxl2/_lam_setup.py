@@ -29,6 +29,7 @@ from jaxl2._curvature import (
 )
 from jaxl2._dtypes import accumulation_dtype
 from jaxl2._implicit import leaf_multipliers, solve_tol
+from jaxl2._lam_groups import group_leaf_scales, lam_scales, state_lam
 from jaxl2._nystrom import nystrom
 from jaxl2._setup import lam_over_m
 from jaxl2._train_state import TrainState
@@ -57,13 +58,14 @@ class Options(NamedTuple):
   batch_size: int
   maxiter: int
   rank: int  # of the Nyström preconditioner; 0: none
+  groups: tuple[int, ...] = ()  # one λ per group: each params leaf's group (-1: none)
 
 
 class Numbers(NamedTuple):
   """What a λ tool's compiled program computes with (arrays)."""
 
   c: list[jax.Array]  # the mask's multiplier of each params leaf
-  scale: jax.Array  # λ/m
+  scale: jax.Array  # λ/m; one λ per group: λ_g/m, shape (groups,)
   inv_m: jax.Array
   damping: jax.Array
   tol: jax.Array
@@ -136,18 +138,18 @@ def prepare(
     precondition = RANK if size * n >= AUTO_SIZE else 0
   check_count(precondition, "precondition", least=0)
   curvature = check_curvature(curvature, train)
-  lam = float(jax.device_get(state.lam))
-  scale = lam_over_m(lam, train.m)
+  # With one λ per group, the default damping is relative to the smallest λ_g/m.
+  scales, scale, groups = lam_scales(train, state.params, state_lam(train, state), acc)
   numbers = Numbers(
     c=[jnp.asarray(x, acc) for x in c],
-    scale=lam_over_m(lam, train.m, acc),
+    scale=scales,
     inv_m=lam_over_m(1.0, train.m, acc),
     damping=jnp.asarray(_check_damping(damping, scale), acc),
     tol=jnp.asarray(tol, acc),
     seed=jnp.asarray(seed, jnp.uint32),
   )
   rank = min(int(precondition), size)
-  return Options(train, curvature, batch_size, int(maxiter), rank), numbers, tol
+  return Options(train, curvature, batch_size, int(maxiter), rank, groups), numbers, tol
 
 
 def check_loss_fn(val_loss_fn: Any, train: TrainStep) -> Callable[..., Any]:
@@ -168,6 +170,7 @@ class Inside(NamedTuple):
   product: Callable[[Tree], Tree]  # v ↦ C·v, the data's curvature
   matvec: Callable[[Tree], Tree]  # v ↦ (C + (λ/m)·c + damping)·v
   precondition: Callable[[Tree], Tree] | None  # v ↦ P⁻¹·v (Nyström), or None
+  scale: Tree = None  # each leaf's λ/m (its group's λ_g/m), shaped like W (0-d leaves)
 
 
 def inside(options: Options, numbers: Numbers, model: Any, train_data: Any) -> Inside:
@@ -179,18 +182,21 @@ def inside(options: Options, numbers: Numbers, model: Any, train_data: Any) -> I
   w = jax.tree_util.tree_map(lambda x: x.astype(acc), params)
   treedef = jax.tree_util.tree_structure(params)
   c = jax.tree_util.tree_unflatten(treedef, numbers.c)
+  scale = jax.tree_util.tree_unflatten(
+    treedef, group_leaf_scales(numbers.scale, options.groups, len(numbers.c))
+  )
   ev = evaluation(train, train.loss_fn, options.curvature, static, model_state, dtypes)
   product = curvature_product(ev, w, train_data, options.batch_size, acc)
 
   def matvec(v: Tree) -> Tree:
-    shift = jax.tree_util.tree_map(lambda ci: numbers.scale * ci + numbers.damping, c)
+    shift = jax.tree_util.tree_map(lambda ci, si: si * ci + numbers.damping, c, scale)
     return jax.tree_util.tree_map(lambda pv, s, x: pv + s * x, product(v), shift, v)
 
   precondition = None
   if options.rank:
     # The preconditioner treats the penalty as one shift μ: its mean over the entries.
     sizes = [x.size for x in jax.tree_util.tree_leaves(w)]
-    mean_c = sum(ci * n for ci, n in zip(numbers.c, sizes, strict=True)) / sum(sizes)
-    shift = numbers.scale * mean_c + numbers.damping
+    per_leaf = zip(numbers.c, jax.tree_util.tree_leaves(scale), sizes, strict=True)
+    shift = sum(si * ci * n for ci, si, n in per_leaf) / sum(sizes) + numbers.damping
     precondition = nystrom(product, w, numbers.seed, options.rank, shift)
-  return Inside(w, acc, c, ev, product, matvec, precondition)
+  return Inside(w, acc, c, ev, product, matvec, precondition, scale)

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxl2._lam_groups import group_metrics, is_grouped
 from jaxl2._masks import MaskSpec
 from jaxl2._penalties import weight_sq_norm
 from jaxl2._setup import l2_from_sq_norm
@@ -31,7 +32,13 @@ MetricsFn = Callable[[Any, Any], Metrics]
 
 
 def penalty_metrics(params: Any, lam: Any, m: Any, mask: MaskSpec) -> Metrics:
-  """``weight_sq_norm`` Σ c·‖W‖² and ``penalty`` (λ/2m)·Σ c·‖W‖² at ``params``."""
+  """``weight_sq_norm`` Σ c·‖W‖² and ``penalty`` (λ/2m)·Σ c·‖W‖² at ``params``.
+
+  With a ``{pattern: λ_g}`` table, ``penalty`` is Σ_g (λ_g/2m)·Σ_{j ∈ g} c_j‖W_j‖²
+  (`jaxl2._lam_groups`), patterns tried in the table's order.
+  """
+  if is_grouped(lam):
+    return group_metrics(params, lam, m, mask)
   sq_norm = weight_sq_norm(params, mask=mask)
   return {"weight_sq_norm": sq_norm, "penalty": l2_from_sq_norm(sq_norm, lam, m)}
 

@@ -10,7 +10,7 @@ communication; on one device the same code runs unchanged.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -190,6 +190,13 @@ def sweep(
 def _check_options(
   lams: Sequence[float], steps: int, seeds: Sequence[int], folds: Any, val_data: Any
 ) -> None:
+  if isinstance(lams, Mapping):
+    raise TypeError(
+      "`lams` is a {pattern: λ} table; `sweep` trains each model with one λ for every group, so "
+      "`lams` is a sequence of numbers. For fixed ratios between groups, sweep λ with the ratios "
+      "as mask multipliers (`mask=jaxl2.by_regex({pattern: ratio})`); to tune one λ per group, "
+      "use `jaxl2.tune_lam` with `jaxl2.make_train_step(..., lam={pattern: λ})`."
+    )
   for i, lam in enumerate(lams):
     check_lam(lam, f"lams[{i}]")
   if not list(lams):

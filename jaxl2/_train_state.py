@@ -15,10 +15,9 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from jaxl2._checks import check_lam
+from jaxl2._lam_groups import new_lam
 from jaxl2._masks import MaskSpec
 from jaxl2._metrics import Metrics, regularized_loss
 from jaxl2._models import Static, bind
@@ -39,8 +38,9 @@ class TrainState(NamedTuple):
     opt_state: the optax optimizer state.
     step: number of steps taken (int32).
     lam: λ, a 0-d array in the penalty's accumulation dtype (float32, or
-      float64 for float64 params with 64-bit enabled). Change it with
-      `TrainStep.set_lam`.
+      float64 for float64 params with 64-bit enabled); for a step built with
+      one λ per group, a ``{pattern: λ_g}`` dict of such arrays. Change it
+      with `TrainStep.set_lam`.
     model_state: what the model carries and updates besides its params
       (linen ``batch_stats``, Haiku state, an NNX module's BatchStat and RNG
       Variables, an ``eqx.nn.State``); ``None`` in the simple form.
@@ -57,7 +57,7 @@ class TrainState(NamedTuple):
   params: Any
   opt_state: Any
   step: jax.Array
-  lam: jax.Array
+  lam: jax.Array | dict[str, jax.Array]
   model_state: Any = None
   key: Any = None
   static: Static | None = None
@@ -66,12 +66,10 @@ class TrainState(NamedTuple):
 StepFn = Callable[[TrainState, Any], tuple[TrainState, Metrics]]
 
 
-def as_lam(lam: Any, dtype: Any) -> jax.Array:
-  """λ checked, as the state holds it: a fresh 0-d array of ``dtype``."""
-  check_lam(lam)
-  # A fresh buffer each time: the state is donated, and a shared λ array would
-  # be deleted by the first step that consumed it.
-  return jnp.array(lam, dtype, copy=True)
+def as_lam(lam: Any, dtype: Any, like: Any = None) -> Any:
+  """λ checked, as the state holds it: a fresh 0-d array of ``dtype`` (a dict of them for a
+  ``{pattern: λ_g}`` table, in the order of ``like``, the step's λ; default ``lam``'s own)."""
+  return new_lam(lam, lam if like is None else like, dtype)
 
 
 def simple_loss(apply_fn: Callable[[Any, Any], Any], loss_fn: Callable[..., Any]) -> ModelLoss:
@@ -95,13 +93,20 @@ def model_loss(apply_fn: Callable[[Any, Any], Any] | None, loss_fn: Callable[...
   return lambda static: bind(loss_fn, static)
 
 
-def step_fn(loss_of: LossOf, optimizer: Any, m: Any, mask: MaskSpec) -> StepFn:
-  """One step of ``optimizer`` on model loss + (λ/2m)·Σ c·‖W‖², uncompiled."""
+def step_fn(
+  loss_of: LossOf, optimizer: Any, m: Any, mask: MaskSpec, patterns: tuple[str, ...] = ()
+) -> StepFn:
+  """One step of ``optimizer`` on model loss + (λ/2m)·Σ c·‖W‖², uncompiled.
+
+  ``patterns``: with one λ per group, the order the table's patterns are tried
+  in (the state's dict comes back from `jax.jit` with sorted keys).
+  """
 
   def objective(params: Any, state: TrainState, batch: Any, key: Any) -> Any:
     model = loss_of(state.static)
     data_loss, (model_state, aux) = model(params, state.model_state, batch, key)
-    loss, metrics = regularized_loss(data_loss, params, state.lam, m, mask)
+    lam = {p: state.lam[p] for p in patterns} if patterns else state.lam
+    loss, metrics = regularized_loss(data_loss, params, lam, m, mask)
     return loss, ({**aux, **metrics}, model_state)
 
   def step(state: TrainState, batch: Any) -> tuple[TrainState, Metrics]:

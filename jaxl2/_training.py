@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxl2._checks import check_callable, check_lam, check_m, check_optimizer
+from jaxl2._checks import check_callable, check_m, check_optimizer
 from jaxl2._dtypes import accumulation_dtype
+from jaxl2._lam_groups import check_lam_or_groups, group_index, is_grouped, lam_floats
 from jaxl2._masks import MaskSpec, resolve
 from jaxl2._metrics import Metrics, accuracy, output_metrics
 from jaxl2._models import split_model
@@ -57,7 +58,7 @@ class TrainStep:
   apply_fn: ApplyFn | None
   loss_fn: Callable[..., Any]
   optimizer: optax.GradientTransformation
-  lam: float
+  lam: float | dict[str, float]
   m: Any
   mask: MaskSpec = None
   param_sharding: ShardingSpec = None
@@ -95,7 +96,7 @@ def _init_fn(
   general: bool,
   optimizer: optax.GradientTransformation,
   *,
-  lam: float,
+  lam: float | dict[str, float],
   mask: MaskSpec,
   param_sharding: ShardingSpec,
 ) -> Callable[..., TrainState]:
@@ -117,7 +118,8 @@ def _init_fn(
       model_state: general form: the model's initial mutable state (linen
         ``variables["batch_stats"]``, Haiku state, ``eqx.nn.State``); None for
         an NNX module, whose state is in the module.
-      lam: overrides the λ given to `make_train_step`.
+      lam: overrides the λ given to `make_train_step` (a table with the same
+        patterns where that was a ``{pattern: λ_g}`` table).
       seed: general form: the seed of the state's PRNG key, from which each
         step's dropout key is ``fold_in(key(seed), step)`` (None: 0). An NNX
         module draws dropout keys from its own RNG streams: an int ``seed``
@@ -134,17 +136,19 @@ def _init_fn(
     optimizer counters) are replicated over that mesh.
 
     Raises:
-      ValueError: the mask selects nothing; ``param_sharding`` does not match
-        the params' structure or does not divide a leaf's shape.
+      ValueError: the mask selects nothing or does not fit a λ table's patterns;
+        ``param_sharding`` does not match the params or does not divide a leaf.
     """
     params, model_state, key, static = _split(general, params, model_state, seed)
     selection = resolve(params, mask)
+    if is_grouped(default_lam):
+      group_index(selection, list(default_lam))
     if param_sharding is None:
       params = jax.tree_util.tree_map(jnp.asarray, params)
     else:
       params = place(params, param_sharding, "param_sharding", "params")
     acc = accumulation_dtype(leaf.value for leaf, _ in selection.selected)
-    lam = as_lam(default_lam if lam is None else lam, acc)
+    lam = as_lam(default_lam if lam is None else lam, acc, default_lam)
     state = TrainState(
       params, optimizer.init(params), jnp.zeros([], jnp.int32), lam, model_state, key, static
     )
@@ -156,9 +160,11 @@ def _init_fn(
 def _set_lam(state: TrainState, lam: Any) -> TrainState:
   """``state`` with a new λ (checked); the next step reuses the compiled program.
 
-  The new λ is placed like the old one (replicated over a sharded state's mesh).
+  The new λ is placed like the old one (replicated over a sharded state's mesh). A state
+  with one λ per group takes a ``{pattern: λ_g}`` table with the same patterns.
   """
-  return state._replace(lam=place_like(as_lam(lam, state.lam.dtype), state.lam))
+  new = as_lam(lam, jax.tree_util.tree_leaves(state.lam)[0].dtype, state.lam)
+  return state._replace(lam=jax.tree_util.tree_map(place_like, new, state.lam))
 
 
 def _compiled(step: StepFn, batch_sharding: ShardingSpec) -> StepFn:
@@ -209,6 +215,9 @@ def make_train_step(
     optimizer: any `optax.GradientTransformation`; it sees the gradient of the
       regularized loss (coupled L2).
     lam: the initial λ ≥ 0; lives in the state and can change between steps.
+      Or a ``{pattern: λ_g}`` dict, one λ per group (as `jaxl2.l2_penalty`, in
+      this dict's order): the state holds a dict of λ_g, `set_lam` takes one
+      with the same patterns, and the metric ``penalty`` sums the groups.
     m: the number of training inputs (the training set, not the batch), > 0.
     mask: which leaves are penalized; as for `jaxl2.l2_penalty`.
     param_sharding: where ``train.init`` places the params: a
@@ -253,6 +262,16 @@ def make_train_step(
     >>> float(metrics["penalty"]), state.params["w"][0, 0]  # 1/8 · 2; w ← w − 0.1 · (1/4) · w
     (0.25, Array(0.975, dtype=float32))
 
+    One λ per group of kernels: the state holds a λ_g per pattern.
+
+    >>> train = jaxl2.make_train_step(
+    ...   lambda p, x: x @ p["w1"] @ p["w2"], lambda out, y: jnp.mean((out - y) ** 2),
+    ...   optax.sgd(0.1), lam={"w1": 1.0, "w2": 4.0}, m=4)
+    >>> state = train.init({"w1": jnp.ones((2, 2)), "w2": jnp.ones((2, 1))})
+    >>> state, metrics = train(state, (jnp.zeros((4, 2)), jnp.zeros((4, 1))))
+    >>> float(metrics["penalty"])  # (1/8)·4 + (4/8)·2
+    1.5
+
     Data parallel over every device (one here; the same code on eight):
 
     >>> from jax.sharding import NamedSharding, PartitionSpec as P
@@ -273,14 +292,15 @@ def make_train_step(
     check_callable(apply_fn, "apply_fn")
   check_callable(loss_fn, "loss_fn")
   check_optimizer(optimizer)
-  check_lam(lam)
+  check_lam_or_groups(lam)
   check_m(m)
   check_sharding_spec(param_sharding, "param_sharding", "params")
   check_sharding_spec(batch_sharding, "batch_sharding", "batch")
   general = apply_fn is None
   loss_of = model_loss(apply_fn, loss_fn)
-  step = step_fn(loss_of, optimizer, m, mask)
-  init = _init_fn(general, optimizer, lam=float(lam), mask=mask, param_sharding=param_sharding)
+  lam = lam_floats(lam)
+  step = step_fn(loss_of, optimizer, m, mask, tuple(lam) if is_grouped(lam) else ())
+  init = _init_fn(general, optimizer, lam=lam, mask=mask, param_sharding=param_sharding)
   return TrainStep(
     init=init,
     set_lam=_set_lam,
@@ -290,7 +310,7 @@ def make_train_step(
     apply_fn=apply_fn,
     loss_fn=loss_fn,
     optimizer=optimizer,
-    lam=float(lam),
+    lam=lam,
     m=m,
     mask=mask,
     param_sharding=param_sharding,

@@ -19,75 +19,79 @@ import jax
 
 from jaxl2._batches import check_batch_size, n_examples
 from jaxl2._checkpoint import Checkpointer, check_checkpoint_dir
-from jaxl2._checks import check_count, check_lam
+from jaxl2._checks import check_count
 from jaxl2._curvature import GaussNewton
 from jaxl2._implicit import MAXITER
+from jaxl2._lam_groups import lam_text, state_lam
 from jaxl2._lam_setup import check_model
 from jaxl2._train_state import TrainState
 from jaxl2._training import TrainStep
+from jaxl2._tune_groups import (
+  Searches,
+  add,
+  below,
+  bounds_json,
+  check_start,
+  lam_of,
+  log_of,
+  log_slope,
+  nan_like,
+  new_search,
+  none_moved,
+)
 from jaxl2._tune_run import Tuner, TuneResult, TuneStep, copy_state, reason_at_stop
 from jaxl2._tune_search import Search
 
 __all__ = ["TuneResult", "TuneStep", "tune_lam"]
 
 
-def _check_options(
-  lam0: Any, bounds: Any, counts: dict[str, Any], max_step: Any, rtol: Any
-) -> None:
+def _check_options(counts: dict[str, Any], max_step: Any, rtol: Any) -> None:
   for name, value in counts.items():
     check_count(value, name)
   for name, value in (("max_step", max_step), ("rtol", rtol)):
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
       raise ValueError(f"`{name}` must be a finite number > 0; got {value!r}.")
-  if not (isinstance(bounds, tuple) and len(bounds) == 2 and 0 < bounds[0] < bounds[1] < math.inf):
-    raise ValueError(
-      f"`lam_bounds` must be a tuple (λ_min, λ_max) with 0 < λ_min < λ_max < inf (the search is "
-      f"on log λ); got {bounds!r}."
-    )
-  check_lam(lam0, "lam0")
-  if not bounds[0] <= float(lam0) <= bounds[1]:
-    raise ValueError(
-      f"`lam0` must lie within `lam_bounds` {bounds} (and be > 0: the search is on log λ); got "
-      f"{lam0!r}. Pass `lam0=`, or set the state's λ with `train.set_lam(state, lam)`."
-    )
 
 
 def _search(
   tuner: Tuner, ckpt: Checkpointer | None, state: TrainState, anchor: TrainState,
-  u: float, search: Search, it0: int,
+  u: Any, search: Search | Searches, it0: int,
 ) -> tuple[bool, str]:  # fmt: skip
-  """The loop from iteration ``it0``: train, measure, step; returns (converged, reason)."""
+  """The loop from iteration ``it0``: train, measure, step; returns (converged, reason).
+
+  ``u`` is log λ, a float, or {pattern: log λ_g} with one λ per group (`jaxl2._tune_groups`).
+  """
   opts = tuner.opts
   for it in range(it0, opts["max_iter"]):
-    lam = math.exp(u)
+    lam = lam_of(u)
     steps = opts["train_steps"] if it == 0 else opts["retrain_steps"]
     state, finite = tuner.fit(state, lam, steps)
     if not finite:  # once more, from the last finite state
       state, finite = tuner.fit(copy_state(anchor), lam, steps)
     if not finite:
       nan = math.nan
-      tuner.record(TuneStep(lam, math.inf, nan, nan, nan, False, True), None)
+      tuner.record(TuneStep(lam, math.inf, nan_like(lam), nan, nan, False, True), None)
       state, du = copy_state(anchor), search.away(u)
-      if du == 0:
+      if none_moved(du):
         return False, "training diverged at every λ the bounds allow"
     else:
       anchor = copy_state(state)
       step, found = tuner.measure(state, lam)
       tuner.record(step, state)
       tuner.found += [(lam, t) for t in found[:1]]
-      du = search.step(u, lam * step.hypergradient)  # dV/d log λ = λ·dV/dλ
-      if abs(du) < opts["rtol"]:
+      du = search.step(u, log_slope(lam, step.hypergradient))  # dV/d log λ = λ·dV/dλ
+      if below(du, opts["rtol"]):
         converged, reason = reason_at_stop(tuner, search, found, lam)
         tuner.save(
           ckpt, it + 1, {"state": state, "anchor": anchor}, _done(u, search, reason, converged)
         )
         return converged, reason
-    u += du
+    u = add(u, du)
     tuner.save(ckpt, it + 1, {"state": state, "anchor": anchor}, _done(u, search, None, False))
   return False, f"stopped after `max_iter`={opts['max_iter']} λ values"
 
 
-def _done(u: float, search: Search, reason: str | None, converged: bool) -> dict[str, Any]:
+def _done(u: Any, search: Search | Searches, reason: str | None, converged: bool) -> dict[str, Any]:
   return {"u": u, "search": search.as_dict(), "reason": reason, "converged": converged}
 
 
@@ -96,7 +100,7 @@ def _warn_approximate(found: list[tuple[float, str]], tried: int) -> None:
     lam, trouble = found[-1]
     warnings.warn(
       f"tune_lam: the hypergradient was approximate at {len(found)} of the {tried} λ "
-      f"tried; the last, at λ={lam:g}: {trouble}",
+      f"tried; the last, at λ={lam_text(lam)}: {trouble}",
       RuntimeWarning,
       stacklevel=3,
     )
@@ -107,7 +111,7 @@ def _fingerprint(train: TrainStep, state: TrainState, data: tuple[Any, Any], opt
   shapes = [list(x.shape) for x in jax.tree_util.tree_leaves(state.params)]
   curvature = opts["hyper"]["curvature"]
   return {
-    "lam0": opts["lam0"], "lam_bounds": list(opts["lam_bounds"]), "m": float(train.m),
+    "lam0": opts["lam0"], "lam_bounds": bounds_json(opts["lam_bounds"]), "m": float(train.m),
     "params": shapes, "n_train": n_examples(data[0], "train_data"),
     "n_val": n_examples(data[1], "val_data"),
     "curvature": curvature if isinstance(curvature, str) else "GaussNewton",
@@ -160,6 +164,15 @@ def tune_lam(
   ``max_step``; the bracket's midpoint once the minimum is bracketed),
   within ``lam_bounds``.
 
+  One λ per group: with ``train`` built with ``lam={pattern: λ_g, ...}``
+  (`jaxl2.make_train_step`), each log λ_g moves by its own safeguarded secant
+  step from its own component λ_g·dV/dλ_g of the vector hypergradient (one
+  solve per iteration for all groups, as in Lorraine et al. 2020), all groups
+  at each iteration, each within its ``lam_bounds``; the search stops when
+  every group's step is below ``rtol``. ``lam0`` is then a table with the
+  step's patterns, and ``TuneStep.lam``, ``TuneStep.hypergradient`` and
+  ``TuneResult.lam`` are ``{pattern: value}`` dicts.
+
   It stops when a step would change log λ by less than ``rtol``, when the step
   is cut to nothing by a bound, or after ``max_iter`` trainings. A λ whose
   training ends non-finite is trained again from the last finite state (or
@@ -182,8 +195,10 @@ def tune_lam(
     eval_batch_size: batch size of the hypergradient's sums (default ``batch_size``).
     val_loss_fn, curvature, damping, precondition, tol, maxiter, grad_rtol:
       as for `jaxl2.lam_hypergradient`.
-    lam0: the first λ (default: ``state.lam``); > 0, within ``lam_bounds``.
-    lam_bounds: (λ_min, λ_max), 0 < λ_min < λ_max.
+    lam0: the first λ (default: ``state.lam``); > 0, within ``lam_bounds``. With
+      one λ per group, a ``{pattern: λ_g}`` table with the step's patterns.
+    lam_bounds: (λ_min, λ_max), 0 < λ_min < λ_max; with one λ per group, for
+      every group, or a ``{pattern: (λ_min, λ_max)}`` table.
     max_iter: the most λ values tried (each one training and one hypergradient).
     max_step: the largest change of log λ in one step (1.0: a factor e).
     rtol: stop when |Δ log λ| < rtol.
@@ -216,15 +231,16 @@ def tune_lam(
     (True, True)
   """
   check_model("tune_lam", train, state)
-  lam0 = float(jax.device_get(state.lam)) if lam0 is None else lam0
+  lam0 = state_lam(train, state) if lam0 is None else lam0
   retrain_steps = train_steps if retrain_steps is None else retrain_steps
   counts = {"train_steps": train_steps, "retrain_steps": retrain_steps, "max_iter": max_iter}
-  _check_options(lam0, lam_bounds, counts, max_step, rtol)
+  _check_options(counts, max_step, rtol)
+  lam0, lam_bounds = check_start(lam0, lam_bounds, train.lam)
   n = n_examples(train_data, "train_data")
   batch_size = None if batch_size is None else check_batch_size(batch_size, n)
   eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
   opts = {
-    **counts, "batch_size": batch_size, "seed": seed, "grad_rtol": grad_rtol, "lam0": float(lam0),
+    **counts, "batch_size": batch_size, "seed": seed, "grad_rtol": grad_rtol, "lam0": lam0,
     "lam_bounds": lam_bounds, "max_step": float(max_step), "rtol": float(rtol),
     "hyper": {
       "val_loss_fn": val_loss_fn, "val_batch_size": None, "batch_size": eval_batch_size,
@@ -253,12 +269,11 @@ def _resume_or_start(
   tuner: Tuner, ckpt: Checkpointer | None, state: TrainState
 ) -> tuple[bool, str]:
   opts = tuner.opts
-  lo, hi = (math.log(b) for b in opts["lam_bounds"])
-  search = Search(opts["max_step"], lo, hi)
+  search = new_search(opts["max_step"], opts["lam_bounds"])
   state = copy_state(state)  # the caller's state stays valid: training donates
   saved = None if ckpt is None else ckpt.restore({"state": state, "anchor": state, "best": state})
   if saved is None:
-    return _search(tuner, ckpt, state, copy_state(state), math.log(opts["lam0"]), search, 0)
+    return _search(tuner, ckpt, state, copy_state(state), log_of(opts["lam0"]), search, 0)
   arrays, meta = saved
   tuner.load(arrays, meta)
   search.load(meta["search"])

@@ -15,9 +15,11 @@ import jax
 from jaxl2._checkpoint import Checkpointer
 from jaxl2._hypergradient import hypergradient
 from jaxl2._implicit import troubles
+from jaxl2._lam_groups import lam_text
 from jaxl2._minibatch import train_steps as run_steps
 from jaxl2._train_state import TrainState
 from jaxl2._training import TrainStep
+from jaxl2._tune_groups import Searches, bound_reason
 from jaxl2._tune_search import Search
 
 __all__ = ["TuneResult", "TuneStep", "Tuner", "copy_state", "reason_at_stop"]
@@ -25,11 +27,12 @@ __all__ = ["TuneResult", "TuneStep", "Tuner", "copy_state", "reason_at_stop"]
 
 class TuneStep(NamedTuple):
   """One λ that `tune_lam` tried, after training at it (``diverged``: its training did not
-  stay finite, twice; ``val_loss`` is then inf and the hypergradient NaN)."""
+  stay finite, twice; ``val_loss`` is then inf and the hypergradient NaN). With one λ
+  per group, ``lam`` and ``hypergradient`` are ``{pattern: value}`` dicts."""
 
-  lam: float
+  lam: float | dict[str, float]
   val_loss: float
-  hypergradient: float
+  hypergradient: float | dict[str, float]
   stationarity: float
   residual: float
   negative_curvature: bool = False
@@ -40,7 +43,8 @@ class TuneResult(NamedTuple):
   """`tune_lam`'s answer.
 
   Attributes:
-    lam: λ*, the λ of the path with the lowest (finite) validation loss.
+    lam: λ*, the λ of the path with the lowest (finite) validation loss; a
+      ``{pattern: λ_g}`` dict with one λ per group.
     val_loss: its validation loss.
     params: its trained params (``state.params``).
     path: every λ tried, in order.
@@ -50,7 +54,7 @@ class TuneResult(NamedTuple):
     state: the `jaxl2.TrainState` trained at λ* (params, model state, optimizer state).
   """
 
-  lam: float
+  lam: float | dict[str, float]
   val_loss: float
   params: Any
   path: tuple[TuneStep, ...]
@@ -120,7 +124,7 @@ class Tuner:
     if self.best is None:
       raise FloatingPointError(
         f"tune_lam: training diverged (non-finite loss or params) at every λ tried "
-        f"({', '.join(f'{s.lam:.3g}' for s in self.path)}), even from the starting state. "
+        f"({', '.join(lam_text(s.lam, '.3g') for s in self.path)}), even from the starting state. "
         "Lower the optimizer's learning rate, or narrow `lam_bounds`."
       )
     index, state = self.best
@@ -130,17 +134,16 @@ class Tuner:
     )
 
 
-def reason_at_stop(tuner: Tuner, search: Search, found: list[str], lam: float) -> tuple[bool, str]:
-  """(converged, reason) when the search's step fell below ``rtol`` at ``lam``."""
-  last = tuner.path[-1]
+def reason_at_stop(
+  tuner: Tuner, search: Search | Searches, found: list[str], lam: Any
+) -> tuple[bool, str]:
+  """(converged, reason) when the search's step (every group's) fell below ``rtol`` at ``lam``."""
+  at_bound = bound_reason(search, tuner.path[-1].hypergradient, lam)
   solver = [t for t in found if "conjugate" in t or "positive definite" in t]
-  if search.clamped:
-    side = "λ_min" if last.hypergradient > 0 else "λ_max"
-    return False, (
-      f"stopped at {side} = {lam:.3g} (`lam_bounds`): the validation loss still falls beyond "
-      "it. Widen `lam_bounds` if a λ out there is plausible."
-    )
+  if at_bound:
+    return False, at_bound
+  text = lam_text(lam, ".3g")
   if solver:
-    return False, f"stopped at λ={lam:.3g} where the hypergradient is unreliable: {solver[0]}"
+    return False, f"stopped at λ={text} where the hypergradient is unreliable: {solver[0]}"
   note = f" (W* was not stationary there: {found[0]})" if found else ""
-  return True, f"converged: the step in log λ fell below `rtol` at λ={lam:.3g}{note}"
+  return True, f"converged: the step in log λ fell below `rtol` at λ={text}{note}"
