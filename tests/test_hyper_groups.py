@@ -33,14 +33,21 @@ import jaxl2
 PATTERNS = ("w1", "w2")
 
 
-def _blocks(m: int = 40, d: int = 8, seed: int = 2, m_val: int = 1000) -> dict[str, np.ndarray]:
-  """Orthogonal training blocks (strong signal 0.5·N(0, 1) in w₁, weak 0.15·N(0, 1) in w₂)."""
+def _blocks(
+  m: int = 40, d: int = 8, seed: int = 2, m_val: int = 1000, *, separable: bool = False
+) -> dict[str, np.ndarray]:
+  """Orthogonal training blocks (strong signal 0.5·N(0, 1) in w₁, weak 0.15·N(0, 1) in w₂).
+
+  ``separable``: the validation blocks orthogonal too, so that V(λ₁, λ₂) = V₁(λ₁) + V₂(λ₂)
+  (the cross term w₁ᵀX_{v1}ᵀX_{v2}w₂ vanishes); otherwise Gaussian, and V couples them.
+  """
   rng = np.random.default_rng(seed)
   q = np.linalg.qr(rng.normal(size=(m, 2 * d)))[0]
   mix = [np.diag(rng.uniform(0.6, 1.4, d)) @ np.linalg.qr(rng.normal(size=(d, d)))[0] for _ in "ab"]
   x1, x2 = np.sqrt(m) * q[:, :d] @ mix[0], np.sqrt(m) * q[:, d:] @ mix[1]
   w1, w2 = 0.5 * rng.normal(size=d), 0.15 * rng.normal(size=d)
   g = rng.normal(size=(m_val, 2 * d))
+  g = np.sqrt(m_val) * np.linalg.qr(g)[0] if separable else g
   xv1, xv2 = g[:, :d] @ mix[0], g[:, d:] @ mix[1]
   return {
     "x1": x1, "x2": x2, "y": x1 @ w1 + x2 @ w2 + rng.normal(size=m),
@@ -104,6 +111,7 @@ def test_vector_hypergradient_is_the_closed_form_partials(lam):
     train = _step(lam)
     state = train.init({k: jnp.asarray(v) for k, v in ref["w"].items()})
     hg = jaxl2.lam_hypergradient(train, state, train_set, val_set, damping=0.0)
+    damped = jaxl2.lam_hypergradient(train, state, train_set, val_set)
     single = None
     if lam["w1"] == lam["w2"]:  # the same W* with one λ: its dV/dλ is the sum of the partials
       one = _step(lam["w1"])
@@ -115,6 +123,10 @@ def test_vector_hypergradient_is_the_closed_form_partials(lam):
   assert hg.val_loss == pytest.approx(ref["val"], rel=1e-12) and hg.residual <= 1e-10
   if single is not None:
     assert single.value == pytest.approx(sum(hg.value.values()), rel=1e-9)
+  # The default damping is 1% of the smallest λ_g/m: a relative bias of at most ~1% per group.
+  assert damped.damping == pytest.approx(0.01 * min(lam.values()) / 40, rel=1e-12)
+  for p in PATTERNS:
+    assert damped.value[p] == pytest.approx(ref["grad"][p], rel=2e-2)
 
 
 def test_effective_params_with_groups_is_the_per_block_formula():
@@ -154,10 +166,13 @@ def _tune(
     )
 
 
-def test_tune_lam_reaches_the_two_dimensional_closed_form_optimum():
-  data = _blocks()
-  best = _optimum(data)  # λ₁ = 3.80, λ₂ = 56.3: 15× apart
-  result = _tune(data, {"w1": 1.0, "w2": 1.0})
+@pytest.mark.parametrize("separable", [False, True])
+def test_tune_lam_reaches_the_two_dimensional_closed_form_optimum(separable):
+  data = _blocks(separable=separable)
+  best = _optimum(data)  # coupled: λ₁ = 3.80, λ₂ = 56.3 (15× apart)
+  # Separable, from λ₁ = λ₁*: the first group's steps are soon small while the second is far
+  # from λ₂*: the search must go on until every group's step is below rtol.
+  result = _tune(data, {"w1": best["w1"] if separable else 1.0, "w2": 1.0})
   assert result.converged, result.reason
   for p in PATTERNS:
     assert abs(np.log(result.lam[p]) - np.log(best[p])) <= 0.05  # the issue's tolerance
