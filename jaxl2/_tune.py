@@ -229,6 +229,16 @@ def tune_lam(
     ...   (x[20:], y[20:]), train_steps=100)
     >>> result.converged, result.val_loss <= result.path[0].val_loss
     (True, True)
+
+    One λ for the first two coefficients and one for the third:
+
+    >>> split = jaxl2.make_train_step(lambda p, x: x[:, :2] @ p["a"] + x[:, 2] * p["b"],
+    ...   lambda o, y: jnp.mean((o - y) ** 2), optax.sgd(0.2), lam={"a": 1.0, "b": 1.0}, m=20,
+    ...   mask=jaxl2.all_floating)
+    >>> by_group = jaxl2.tune_lam(split, split.init({"a": jnp.zeros(2), "b": jnp.zeros(())}),
+    ...   (x[:20], y[:20]), (x[20:], y[20:]), train_steps=100)
+    >>> sorted(by_group.lam), by_group.val_loss <= result.val_loss  # one more freedom
+    (['a', 'b'], True)
   """
   check_model("tune_lam", train, state)
   lam0 = state_lam(train, state) if lam0 is None else lam0
