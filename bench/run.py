@@ -24,7 +24,17 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))  # `python bench/run.py` from a checkout
 
-SUITES = ("penalty", "train", "peer", "sweep", "precision", "multidevice", "verify", "hyper")
+SUITES = (
+  "penalty",
+  "grad",
+  "train",
+  "peer",
+  "sweep",
+  "precision",
+  "multidevice",
+  "verify",
+  "hyper",
+)
 
 
 def _cpu_model() -> str:
@@ -54,7 +64,16 @@ def machine() -> dict[str, Any]:
     "cores": os.cpu_count(),
     "versions": versions,
     "date": datetime.date.today().isoformat(),
+    "load_average_start": _load_average(),
   }
+
+
+def _load_average() -> list[float] | None:
+  """The 1, 5 and 15-minute load averages: how busy the machine was (other jobs included)."""
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
 
 
 def machine_name(info: dict[str, Any]) -> str:
@@ -87,6 +106,11 @@ def targets(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
   for case, limit in (("mlp-37M", 1.05), ("resnet50-like", 1.10)):
     if case in rows:
       add(f"penalty steady vs limit, {case}", rows[case]["jaxl2_vs_limit"], limit)
+  peers = [("penalty", r) for r in rows.values()]
+  peers += [(r["step"], r) for r in results.get("grad", [])]
+  for step, r in peers:
+    add(f"{step} steady vs best peer, {r['case']}", r["jaxl2_vs_best_peer"], 1.02)
+    add(f"{step} compile vs naive, {r['case']}", r["jaxl2_compile_vs_naive"], 1.02)
   for r in results.get("train", []):
     if r["case"].startswith("leaves"):
       add(f"train step with penalty, compile, {r['case']}", r["jaxl2_penalty_compile_ratio"], 1.3)
@@ -138,6 +162,10 @@ def markdown(report: dict[str, Any]) -> str:
     f"jax {v['jax']}, flax {v['flax']}, optax {v['optax']}, python {v['python']}"
     + (" (quick sizes)" if report["quick"] else ""),
     "",
+    f"Load average (1, 5, 15 min) at the start {info.get('load_average_start')}, "
+    f"at the end {info.get('load_average_end')}."
+    + (f" {report['note']}" if report.get("note") else ""),
+    "",
     "## Targets",
     "",
     "| target | measured | limit | met |",
@@ -165,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--quick", action="store_true", help="tiny sizes (the CI smoke test)")
   parser.add_argument("--repeats", type=int, default=20, help="repeats per steady time (>= 20)")
   parser.add_argument("--out", type=pathlib.Path, default=ROOT / "results", help="result folder")
+  parser.add_argument("--note", default="", help="what else ran on the machine, in words")
   args = parser.parse_args(argv)
   chosen = [s.strip() for s in args.suites.split(",") if s.strip()]
   unknown = sorted(set(chosen) - set(SUITES))
@@ -178,9 +207,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for suite in chosen:
     module = importlib.import_module(f"bench.suite_{suite}")
     results[suite] = module.run(quick=args.quick, repeats=args.repeats)
+  info["load_average_end"] = _load_average()
   report = {
     "name": name,
     "quick": args.quick,
+    "note": args.note,
     "machine": info,
     "results": results,
     "targets": targets(results),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -49,32 +50,71 @@ def measure_call(fn: Callable[[], Any], *, repeats: int) -> dict[str, float]:
   return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
 
 
+def _cold_compile_s(fn: Callable[..., Any], args: tuple) -> tuple[float, float]:
+  """(wall, process CPU) seconds to trace, lower and compile ``fn``, every JAX cache emptied.
+
+  `jax.clear_caches` drops the traces, lowerings and executables of every
+  jitted function (inner ones too: jnp's, optax's, jaxl2's kernels), and a new
+  wrapper defeats the tracing cache keyed on ``fn``: each call pays what the
+  first compile in a fresh process pays, bar Python imports and XLA's start-up.
+  CPU time moves less than wall time when other jobs load the machine.
+  """
+  jax.clear_caches()
+  fresh = functools.wraps(fn)(lambda *a: fn(*a))
+  start, start_cpu = time.perf_counter(), time.process_time()
+  jax.jit(fresh).lower(*args).compile()
+  return time.perf_counter() - start, time.process_time() - start_cpu
+
+
 def compare(
-  fns: dict[str, Callable[..., Any]], args: dict[str, tuple], *, repeats: int = 20, rounds: int = 5
+  fns: dict[str, Callable[..., Any]],
+  args: dict[str, tuple],
+  *,
+  repeats: int = 20,
+  rounds: int = 5,
+  compile_rounds: int = 1,
 ) -> dict[str, dict[str, float]]:
-  """`measure` for several variants, their steady calls interleaved round by round.
+  """`measure` for several variants, interleaved round by round.
 
   Timing variants one after the other lets drift (frequency, cache, other
-  jobs) favour whichever runs last; here every round times each variant for
-  ``repeats`` calls in turn, and the figure is the median over rounds of each
-  round's median.
+  jobs) favour whichever runs last; here the variants take turns call by
+  call, so each sees the same load. Steady time: each round times ``repeats``
+  calls of each variant; the figure is the median over rounds of each round's
+  median, with the smallest and largest round medians beside it
+  (``min_round_s``, ``max_round_s``).
+  Compile time: ``compile_rounds`` rounds of one cold compile per variant
+  (`_cold_compile_s`); the median, with the fastest and slowest
+  (``compile_min_s``, ``compile_max_s``), and the median process CPU time
+  (``compile_cpu_s``).
   """
+  compiles: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+  for _ in range(compile_rounds):
+    for name, fn in fns.items():
+      compiles[name].append(_cold_compile_s(fn, args[name]))
   jitted = {name: jax.jit(fn) for name, fn in fns.items()}
-  out: dict[str, dict[str, float]] = {}
   for name, fn in jitted.items():
-    start = time.perf_counter()
-    fn.lower(*args[name]).compile()
-    out[name] = {"compile_s": time.perf_counter() - start}
-    jax.block_until_ready(fn(*args[name]))  # warm-up, excluded
+    jax.block_until_ready(fn(*args[name]))  # compile and warm up, excluded
   per_round: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(rounds):
-    for name, fn in jitted.items():
-      times = []
-      for _ in range(repeats):
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+      for name, fn in jitted.items():
         start = time.perf_counter()
         jax.block_until_ready(fn(*args[name]))
-        times.append(time.perf_counter() - start)
-      per_round[name].append(statistics.median(times))
-  for name in fns:
-    out[name].update(median_s=statistics.median(per_round[name]), repeats=repeats * rounds)
-  return out
+        times[name].append(time.perf_counter() - start)
+    for name in fns:
+      per_round[name].append(statistics.median(times[name]))
+  walls = {name: [wall for wall, _ in times] for name, times in compiles.items()}
+  return {
+    name: {
+      "compile_s": statistics.median(walls[name]),
+      "compile_min_s": min(walls[name]),
+      "compile_max_s": max(walls[name]),
+      "compile_cpu_s": statistics.median(cpu for _, cpu in compiles[name]),
+      "median_s": statistics.median(per_round[name]),
+      "min_round_s": min(per_round[name]),
+      "max_round_s": max(per_round[name]),
+      "repeats": repeats * rounds,
+    }
+    for name in fns
+  }

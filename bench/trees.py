@@ -57,6 +57,36 @@ def many_leaves_shapes(n_leaves: int, size: int = 1000) -> dict[str, tuple]:
   return {f"layer{i:05d}/kernel": (size // 25, 25) for i in range(n_leaves)}
 
 
+def mixed_shapes() -> dict[str, tuple]:
+  """Every regime of the penalty's plan in one tree: 13.9M params in 602 leaves, 502 kernels.
+
+  Two large kernels; 100 mid-size kernels of 25 shapes (4,096 to 17,856 floats)
+  with their biases; 200 small kernels of one shape (8 x 64); 200 small
+  kernels of 40 shapes (up to 24 x 63).
+  """
+  shapes: dict[str, tuple] = {"embed/kernel": (8192, 1024), "head/kernel": (1024, 4096)}
+  for i in range(100):
+    shapes[f"mid{i:03d}/kernel"] = (64 + 4 * (i % 25), 64 + (i % 25) * 3 % 61)
+    shapes[f"mid{i:03d}/bias"] = (64 + (i % 25) * 3 % 61,)
+  for i in range(200):
+    shapes[f"same{i:03d}/kernel"] = (8, 64)
+    shapes[f"rare{i:03d}/kernel"] = (4 + i % 20, 24 + i % 40)
+  return shapes
+
+
+def selected(shapes: dict[str, tuple]) -> dict[str, bool]:
+  """Which paths `jaxl2`'s default mask selects: the leaves the peers must sum too.
+
+  Decided on stand-ins of one element per axis: `jaxl2.by_role` reads names,
+  module names and ndim, never values.
+  """
+  import jaxl2
+
+  stand_ins = {path: np.zeros((1,) * len(shape), np.float32) for path, shape in shapes.items()}
+  rows = jaxl2.describe(stand_ins).rows
+  return {row.path: row.selected for row in rows}
+
+
 def make_tree(
   shapes: dict[str, tuple], *, dtype: Any = jnp.float32, seed: int = 0, scale: float = 1.0
 ) -> dict:

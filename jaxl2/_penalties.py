@@ -19,7 +19,7 @@ from jaxl2._masks import MaskSpec, resolve
 from jaxl2._reduce import squares
 from jaxl2._setup import grad_tree, l2_from_sq_norm, selected_sum, setup
 
-__all__ = ["l2_penalty", "l2_penalty_grad", "regularized", "weight_sq_norm"]
+__all__ = ["l2_decay", "l2_penalty", "l2_penalty_grad", "regularized", "weight_sq_norm"]
 
 
 def weight_sq_norm(params: Any, *, mask: MaskSpec = None) -> jax.Array:
@@ -131,6 +131,19 @@ def l2_penalty_grad(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> 
     return group_penalty_grad(params, lam, m, mask)
   selection, acc, scale = setup(params, lam, m, mask)
   return grad_tree(selection, scale, acc, lambda w, _, coef: coef * conj_upcast(w, acc))
+
+
+def l2_decay(params: Any, lam: Any, m: Any, *, mask: MaskSpec = None) -> Any:
+  """`l2_penalty_grad` with None in place of its zero leaves: what `jaxl2.add_l2_grad` adds.
+
+  Unselected leaves get no array at all, so a transform adding this to its
+  updates traces, lowers and compiles nothing for them (a tree of zeros would
+  cost a fill and an add per leaf until XLA simplified them away).
+  """
+  selection, acc, scale = setup(params, lam, m, mask)
+  return grad_tree(
+    selection, scale, acc, lambda w, _, coef: coef * conj_upcast(w, acc), zeros=False
+  )
 
 
 def regularized(

@@ -96,11 +96,15 @@ def grad_tree(
   acc: jnp.dtype,
   leaf_grad: LeafGrad,
   anchors: list[Any] | None = None,
+  *,
+  zeros: bool = True,
 ) -> Any:
   """``leaf_grad`` on the selected leaves (cast back to each leaf's dtype), zeros elsewhere.
 
   Zeros too at the second path of a shared NNX Variable (its gradient is at
-  its first path) and None at an Equinox module's non-array fields.
+  its first path) and None at an Equinox module's non-array fields. With
+  ``zeros=False``, None instead of each zero leaf: for a transform that adds
+  the gradient to its updates, nothing to trace, lower or compile there.
   """
   anchors = anchors if anchors is not None else [None] * len(selection.leaves)
   out = []
@@ -109,6 +113,9 @@ def grad_tree(
       out.append(None)
       continue
     value = jnp.asarray(leaf.value)
+    if multiplier == 0.0 and not zeros:
+      out.append(None)
+      continue
     if multiplier == 0.0:
       # Not zeros_like: under jit with sharded (Auto-axis) params it comes back
       # replicated. A `where` on the leaf keeps its layout; XLA still only fills.

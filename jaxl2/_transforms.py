@@ -22,7 +22,7 @@ import optax
 from jaxl2._checks import check_lam, check_m
 from jaxl2._family import anchor_values, l2_sp_penalty_grad
 from jaxl2._masks import MaskSpec, resolve
-from jaxl2._penalties import l2_penalty_grad
+from jaxl2._penalties import l2_decay
 from jaxl2._setup import lam_over_m
 
 __all__ = [
@@ -92,10 +92,14 @@ def _coupled(
     if params is None:
       raise ValueError(_NEEDS_PARAMS.format(name=name))
     lam_t = lam(state.count) if callable(lam) else lam
-    decay = grad_fn(params, state, lam_t)
-    updates = jax.tree_util.tree_map(
-      lambda u, d: u + (jnp.conj(d) if jnp.iscomplexobj(d) else d).astype(u.dtype), updates, decay
-    )
+    decay = grad_fn(params, state, lam_t)  # None where nothing is added (unselected leaves)
+
+    def add(u: Any, d: Any) -> Any:
+      if d is None:
+        return u
+      return u + (jnp.conj(d) if jnp.iscomplexobj(d) else d).astype(u.dtype)
+
+    updates = jax.tree_util.tree_map(add, updates, decay, is_leaf=lambda x: x is None)
     return updates, state._replace(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -151,7 +155,7 @@ def add_l2_grad(
   return _coupled(
     "add_l2_grad",
     lam,
-    lambda params, state, lam_t: l2_penalty_grad(params, lam_t, m, mask=mask),
+    lambda params, state, lam_t: l2_decay(params, lam_t, m, mask=mask),
     init_fn,
   )
 

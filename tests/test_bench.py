@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+from bench import summarize
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -21,13 +23,22 @@ def test_every_suite_runs_quick(tmp_path):
   (result,) = tmp_path.glob("*.json")
   report = json.loads(result.read_text())
   assert set(report["results"]) == {
-    "penalty", "train", "peer", "sweep", "precision", "multidevice", "verify", "hyper",
+    "penalty", "grad", "train", "peer", "sweep", "precision", "multidevice", "verify", "hyper",
   }  # fmt: skip
   for row in report["results"]["verify"]:
     assert row["median_s"] > 0 and row["x_jit_grad"] > 0
   assert report["machine"]["versions"]["jax"]
   for row in report["results"]["penalty"]:
     assert row["jaxl2_ms"] > 0 and row["limit_ms"] > 0
+    assert row["jaxl2_vs_best_peer"] > 0 and row["jaxl2_compile_vs_naive"] > 0
+    # The peers sum exactly the leaves jaxl2's default mask selects, real trees included.
+    assert 0 < row["selected"] < row["leaves"] or row["case"].startswith("leaves")
+  cases = {row["case"] for row in report["results"]["penalty"]}
+  assert {"vit-tiny", "gemma-stacked-tiny"} <= cases
+  steps = {(row["case"], row["step"]) for row in report["results"]["grad"]}
+  assert steps == {(case, step) for case in cases for step in ("grad", "update")}
+  table = summarize.summary([report], ["quick"])
+  assert all(f"| {case} | {step} |" in table for case, step in steps)
   assert {row["mesh"] for row in report["results"]["multidevice"]} == {"explicit", "auto"}
   for row in report["results"]["multidevice"]:
     # 8 replicated devices take one device's plan: the same reductions, the same sum.
