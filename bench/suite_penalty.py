@@ -34,7 +34,7 @@ import jaxl2
 from bench import real_trees, trees
 from bench.timing import compare
 
-ROUNDS, COMPILE_ROUNDS = 7, 5
+ROUNDS, COMPILE_ROUNDS = 11, 5
 BIG = 50_000_000  # selected floats above which a round times fewer calls
 
 
@@ -107,6 +107,7 @@ def timing_columns(
   # Process CPU seconds: on a shared machine wall time also counts other jobs.
   row["jaxl2_compile_vs_naive"] = timed["jaxl2"]["compile_cpu_s"] / timed["naive"]["compile_cpu_s"]
   row["jaxl2_compile_wall_vs_naive"] = timed["jaxl2"]["compile_s"] / timed["naive"]["compile_s"]
+  row["optax_compile_vs_naive"] = timed["optax"]["compile_cpu_s"] / timed["naive"]["compile_cpu_s"]
 
 
 def plan_rounds(repeats: int, floats: int, leaves: int, compile_rounds: int) -> tuple[int, int]:
