@@ -89,7 +89,14 @@ def run(*, quick: bool = False, repeats: int = 20) -> list[dict[str, Any]]:
       ("grad", _grads(kernels), dict.fromkeys(steps, (tree,))),
       ("update", steps, {v: (tree, data_grads, states[v]) for v in steps}),
     ):
-      timed = compare(fns, args, repeats=calls, rounds=rounds, compile_rounds=compiles)
+      timed = compare(
+        fns,
+        args,
+        repeats=calls,
+        rounds=rounds,
+        compile_rounds=compiles,
+        evict_bytes=suite_penalty.EVICT,
+      )
       row: dict[str, Any] = {"case": name, "step": what, "params": trees.n_params(tree)}
       suite_penalty.timing_columns(row, timed, list(fns))
       rows.append(row)

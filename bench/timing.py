@@ -73,17 +73,23 @@ def compare(
   repeats: int = 20,
   rounds: int = 5,
   compile_rounds: int = 1,
+  evict_bytes: int = 0,
 ) -> dict[str, dict[str, float]]:
-  """`measure` for several variants, interleaved round by round.
+  """`measure` for several variants, interleaved.
 
   Timing variants one after the other lets drift (frequency, cache, other
-  jobs) favour whichever runs last; here every round times each variant in
-  turn, ``repeats`` calls in a row, and each round starts the turn one
-  variant later, so none always follows the same one. (Turns of single calls
-  would not do: a variant that reads the same tree right after another finds
-  part of it in the last-level cache, 1.8x faster on a 100 MB tree.) Steady
-  time is the median over rounds of each round's median, with the smallest
-  and largest round medians beside it (``min_round_s``, ``max_round_s``).
+  jobs) favour whichever runs last. Without ``evict_bytes``, every round times
+  each variant in turn, ``repeats`` calls in a row (each warm from its own
+  previous call), starting one variant later each round. With it, the
+  variants take turns call by call, so each sees the same load even when the
+  load comes and goes within a round, and before every timed call a buffer
+  of ``evict_bytes`` is read (untimed), so that no variant finds in the cache
+  what the previous one read: read right after another variant, the same
+  100 MB tree ran 1.8x faster. Steady time is the median over rounds of each
+  round's median, with the smallest and largest round medians beside it
+  (``min_round_s``, ``max_round_s``) and every round's (``round_s``, for
+  ratios taken round by round).
+
   Compile time: ``compile_rounds`` rounds of one cold compile per variant
   (`_cold_compile_s`); the median, with the fastest and slowest
   (``compile_min_s``, ``compile_max_s``), and the median process CPU time
@@ -96,16 +102,21 @@ def compare(
   jitted = {name: jax.jit(fn) for name, fn in fns.items()}
   for name, fn in jitted.items():
     jax.block_until_ready(fn(*args[name]))  # compile and warm up, excluded
-  per_round: dict[str, list[float]] = {name: [] for name in fns}
+  evict = _evictor(evict_bytes)
   names = list(jitted)
+  per_round: dict[str, list[float]] = {name: [] for name in fns}
   for r in range(rounds):
-    for name in names[r % len(names) :] + names[: r % len(names)]:
-      times = []
-      for _ in range(repeats):
+    order = names[r % len(names) :] + names[: r % len(names)]
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for turn in [[n] * repeats for n in order] if evict is None else [order] * repeats:
+      for name in turn:
+        if evict is not None:
+          evict()
         start = time.perf_counter()
         jax.block_until_ready(jitted[name](*args[name]))
-        times.append(time.perf_counter() - start)
-      per_round[name].append(statistics.median(times))
+        times[name].append(time.perf_counter() - start)
+    for name in fns:
+      per_round[name].append(statistics.median(times[name]))
   walls = {name: [wall for wall, _ in times] for name, times in compiles.items()}
   return {
     name: {
@@ -116,7 +127,18 @@ def compare(
       "median_s": statistics.median(per_round[name]),
       "min_round_s": min(per_round[name]),
       "max_round_s": max(per_round[name]),
+      "round_s": per_round[name],
       "repeats": repeats * rounds,
     }
     for name in fns
   }
+
+
+def _evictor(n_bytes: int) -> Callable[[], None] | None:
+  """A function that reads ``n_bytes`` of its own (a jitted sum), or None for 0."""
+  if n_bytes <= 0:
+    return None
+  buffer = jax.numpy.ones((n_bytes // 4,), jax.numpy.float32)
+  total = jax.jit(jax.numpy.sum)
+  jax.block_until_ready(total(buffer))
+  return lambda: jax.block_until_ready(total(buffer))
