@@ -191,6 +191,28 @@ def test_bad_mask_fails_at_init():
     jaxl2.add_l2_grad(0.1, 10, mask=jaxl2.by_name("weight")).init({"w": jnp.ones((2, 2))})
 
 
+def test_add_l2_grad_passes_unselected_updates_through_untouched():
+  # Nothing is traced for a leaf the mask leaves out (no zeros filled, none added): its
+  # update comes out as the very input, which keeps the step's compile time at the
+  # hand-written update's. The selected leaves get u + (λ/m)·W exactly.
+  params = {
+    "dense": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.ones(4)},
+    "ln": {"scale": jnp.ones(4)},
+  }
+  grads = jax.tree_util.tree_map(lambda w: 0.5 * jnp.ones_like(w), params)
+  tx = jaxl2.add_l2_grad(LAM, M)
+  state = tx.init(params)
+  closed = jax.make_jaxpr(lambda g: tx.update(g, state, params)[0])(grads)
+  ins, outs = closed.jaxpr.invars, closed.jaxpr.outvars
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(grads)[0]]
+  passed = {path for path, a, b in zip(paths, ins, outs, strict=True) if a is b}
+  assert passed == {"['dense']['bias']", "['ln']['scale']"}
+  updates, _ = tx.update(grads, state, params)
+  np.testing.assert_array_equal(
+    np.asarray(updates["dense"]["kernel"]), np.float32(0.5) + np.float32(LAM / M) * np.float32(2.0)
+  )
+
+
 def test_complex_weights_decay_toward_zero_like_add_decayed_weights():
   params = {"w": jnp.full((2, 2), 1j, jnp.complex64)}
   zero = {"w": jnp.zeros((2, 2), jnp.complex64)}
