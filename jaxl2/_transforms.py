@@ -40,7 +40,13 @@ Schedule = Callable[[jax.Array], Any]
 
 
 class AddL2GradState(NamedTuple):
-  """State of `add_l2_grad`: the number of updates applied (drives a λ schedule)."""
+  """State of `add_l2_grad` (and `l2_sp_grad`): the updates applied so far, for a λ schedule.
+
+  ``count`` advances by one per update when λ is a schedule (it is the
+  schedule's argument). With a constant λ nothing reads it, and it stays 0:
+  advancing it would cost a kernel of its own in every compiled step (~10 ms
+  of XLA compile time on CPU, 16% of a small model's update).
+  """
 
   count: jax.Array
 
@@ -100,6 +106,8 @@ def _coupled(
       return u + (jnp.conj(d) if jnp.iscomplexobj(d) else d).astype(u.dtype)
 
     updates = jax.tree_util.tree_map(add, updates, decay, is_leaf=lambda x: x is None)
+    if not callable(lam):
+      return updates, state  # the count drives a schedule only (see AddL2GradState)
     return updates, state._replace(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -213,6 +213,20 @@ def test_add_l2_grad_passes_unselected_updates_through_untouched():
   )
 
 
+def test_count_advances_for_a_schedule_only():
+  params = {"w": jnp.ones((2, 2))}
+  constant, scheduled = jaxl2.add_l2_grad(LAM, M), jaxl2.add_l2_grad(lambda n: LAM, M)
+  for tx, after_three in ((constant, 0), (scheduled, 3)):
+    state = tx.init(params)
+    for _ in range(3):
+      _, state = jax.jit(tx.update)(params, state, params)
+    assert int(state.count) == after_three
+  # A constant λ's step carries the state through: no kernel computes it.
+  state = constant.init(params)
+  closed = jax.make_jaxpr(lambda s: constant.update(params, s, params)[1])(state)
+  assert closed.jaxpr.outvars == closed.jaxpr.invars
+
+
 def test_complex_weights_decay_toward_zero_like_add_decayed_weights():
   params = {"w": jnp.full((2, 2), 1j, jnp.complex64)}
   zero = {"w": jnp.zeros((2, 2), jnp.complex64)}
