@@ -40,7 +40,7 @@ Schedule = Callable[[jax.Array], Any]
 
 
 class AddL2GradState(NamedTuple):
-  """State of `add_l2_grad` (and `l2_sp_grad`): the updates applied so far, for a λ schedule.
+  """State of `add_l2_grad`: the updates applied so far, for a λ schedule.
 
   ``count`` advances by one per update when λ is a schedule (it is the
   schedule's argument). With a constant λ nothing reads it, and it stays 0:
@@ -57,7 +57,8 @@ class L2SPGradState(NamedTuple):
   The anchor lives in the state, not in the transform's closure, so that a
   compiled update takes it as an argument: a closure over an array is baked
   into the program as a constant, and one that spans several processes (a
-  pretrained model sharded over a pod) cannot be compiled at all.
+  pretrained model sharded over a pod) cannot be compiled at all. ``count``
+  advances only when λ is a schedule, as in `jaxl2.AddL2GradState`.
   """
 
   count: jax.Array
