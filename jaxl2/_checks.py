@@ -9,6 +9,7 @@ wraps the function in `checkify.checkify` (then a bad value raises there).
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from jax.experimental import checkify
 
 __all__ = [
   "GROUPS_NOT_HERE",
+  "check_call_signature",
   "check_callable",
   "check_count",
   "check_lam",
@@ -128,6 +130,28 @@ def check_callable(fn: Any, name: str, *, usage: str = "") -> None:
       f"`{name}` must be callable{called}; got {fn!r:.80} ({type(fn).__name__}). "
       "Pass the function, not its value."
     )
+
+
+def check_call_signature(fn: Any, name: str, *, usage: str, n_args: int, fix: str) -> None:
+  """Checks that ``fn`` (the argument called ``name``) accepts ``n_args`` positional arguments.
+
+  Runs before ``fn`` is traced, so a wrong signature reads as the contract
+  ``usage`` (e.g. ``"loss_fn(params, lam)"``) and ``fix``, not as Python's bare
+  "missing 1 required positional argument" from deep inside a trace. A
+  callable whose signature Python cannot read (some builtins) is let through.
+  """
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return
+  try:
+    signature.bind(*range(n_args))
+  except TypeError as err:
+    label = getattr(fn, "__name__", type(fn).__name__)
+    raise TypeError(
+      f"`{name}` must be callable as `{usage}`; `{label}{signature}` cannot be called with "
+      f"{n_args} arguments ({err}). {fix}"
+    ) from None
 
 
 def check_optimizer(tx: Any, name: str = "optimizer") -> None:

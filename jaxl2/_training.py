@@ -334,9 +334,12 @@ def make_eval_step(
 
   Example:
     >>> import jax.numpy as jnp, optax, jaxl2
-    >>> evaluate = jaxl2.make_eval_step(lambda p, x: x @ p, lambda o, y: jnp.mean((o - y) ** 2))
-    >>> evaluate(jnp.eye(2), (jnp.eye(2), jnp.array([0, 1])))["accuracy"]
-    Array(1., dtype=float32)
+    >>> def xent(logits, labels):  # integer class labels: a classification loss
+    ...   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    >>> evaluate = jaxl2.make_eval_step(lambda w, x: x @ w, xent)
+    >>> metrics = evaluate(jnp.eye(2), (jnp.eye(2), jnp.array([0, 1])))
+    >>> {name: round(float(value), 4) for name, value in metrics.items()}
+    {'accuracy': 1.0, 'loss': 0.3133}
   """
   if isinstance(apply_fn, TrainStep):
     if apply_fn.apply_fn is not None:

@@ -20,13 +20,21 @@ few numbers it returns, so no Python ``if`` ever sees a traced value.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from jaxl2._checks import check_callable, check_lam, check_m, check_optimizer, concrete
+from jaxl2._checks import (
+  check_call_signature,
+  check_callable,
+  check_lam,
+  check_m,
+  check_optimizer,
+  concrete,
+)
 from jaxl2._masks import MaskSpec
 from jaxl2._verify_fit import LeafFit
 from jaxl2._verify_judge import Units, frozen_or_rounding, judge, lam_form, rounding_note
@@ -43,6 +51,12 @@ _LAM_ZERO = {
   f"checked; {_RERUN}",
   "verify_update": f"λ = 0: there is no decay to observe; {_RERUN}",
 }
+# The note of a row that would read "ok" (or "unverified" for another reason) at λ = 0.
+_LAM_ZERO_ROW = "λ = 0: nothing to verify"
+_LOSS_FN_FIX = (
+  "Pass your regularized loss as a function of the params and λ only, closing over the data: "
+  "`lambda params, lam: my_loss(params, x, y, lam)`."
+)
 
 
 def _check_options(lam: Any, m: Any, rtol: Any, batch_size: Any) -> None:
@@ -80,6 +94,15 @@ def _report(
     )
     rows.append(adjust(k, row))
   unverified = _LAM_ZERO[check] if float(lam) == 0.0 else ""
+  if unverified:
+    # A row must not read "ok" where the verdict says nothing was verified; a row
+    # that found a wrong term (a per-unit-λ rate off its mask) keeps saying so.
+    rows = [
+      dataclasses.replace(row, status="unverified", note=_LAM_ZERO_ROW)
+      if row.status in ("ok", "unverified")
+      else row
+      for row in rows
+    ]
   return VerifyReport(
     check, tuple(rows), float(lam), units.m, units.rtol, units.batch_size, unverified
   )
@@ -170,6 +193,7 @@ def verify_penalty(
     FAILED: 2 of 2 leaves wrong (1 unexpected, 1 scaled).
   """
   check_callable(loss_fn, "loss_fn", usage="loss_fn(params, lam)")
+  check_call_signature(loss_fn, "loss_fn", usage="loss_fn(params, lam)", n_args=2, fix=_LOSS_FN_FIX)
   _check_options(lam, m, rtol, batch_size)
   probe = probe_point(params, mask, loss_fn)
   fits, rates = measure_penalty(probe, lam, float(m))

@@ -83,9 +83,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
   demo = commands.add_parser(
     "demo",
     help="sweep λ for an MLP on scikit-learn's digits; print a table, write JSON and a plot",
-    description="Trains one MLP per λ on a small subset of scikit-learn's bundled digits set "
-    "(no download), in one compiled program, and shows how λ trades training fit for "
-    "smaller weights and validation accuracy.",
+    description="Trains one MLP per λ and initialization on a small subset of scikit-learn's "
+    "bundled digits set (no download), in one compiled program; chooses λ on half the other "
+    "images (validation) and reports the accuracy on the other half (test), which neither "
+    "training nor the choice saw, as mean ± std over 3 initializations.",
   )
   demo.add_argument(
     "--lambdas",
@@ -101,7 +102,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
   )
   demo.add_argument("--steps", type=_positive_int, default=800, help="Adam steps (default 800)")
   demo.add_argument("--hidden", type=_positive_int, default=256, help="hidden units (default 256)")
-  demo.add_argument("--seed", type=int, default=0, help="seed of the split and the init")
+  demo.add_argument(
+    "--seed", type=int, default=0, help="seed of the split and of the first initialization"
+  )
   demo.add_argument(
     "--out",
     type=pathlib.Path,

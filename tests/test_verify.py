@@ -563,15 +563,45 @@ def test_lam_zero_is_unverified_not_ok(check):
   params, data_loss = _mlp()
   if check == "penalty":
     report = jaxl2.verify_penalty(
-      jaxl2.regularized(lambda p, lam: data_loss(p), 0.0, M), params, 0.0, M
+      lambda p, lam: data_loss(p) + jaxl2.l2_penalty(p, lam, M), params, 0.0, M
     )
   else:
     tx = optax.chain(jaxl2.add_l2_grad(0.0, M), optax.sgd(LR))
     report = jaxl2.verify_update(tx, optax.sgd(LR), params, 0.0, M)
   assert not report.ok
   assert report.verdict.startswith("UNVERIFIED: λ = 0")
+  # No row reads "ok" (nor another reason to be unverified) under that verdict.
+  assert {(row.status, row.note) for row in report.rows} == {
+    ("unverified", "λ = 0: nothing to verify")
+  }
   with pytest.raises(ValueError, match="UNVERIFIED: λ = 0"):
     report.raise_if_failed()
+
+
+def test_lam_zero_keeps_a_wrong_term_it_found():
+  # At λ = 0 the rate in λ still shows a penalized bias: that row stays "unexpected".
+  params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+  report = jaxl2.verify_penalty(
+    lambda p, lam: jaxl2.l2_penalty(p, lam, M, mask=jaxl2.all_floating), params, 0.0, M
+  )
+  assert {row.path: row.status for row in report.rows} == {"b": "unexpected", "w": "unverified"}
+  assert report.verdict.startswith("UNVERIFIED: λ = 0")
+
+
+@pytest.mark.parametrize(
+  ("loss_fn", "why"),
+  [
+    (lambda p, x, y: jnp.sum(p["w"]), "missing a required argument: 'y'"),
+    (lambda p: jnp.sum(p["w"]), "too many positional arguments"),
+  ],
+  ids=["data-as-arguments", "no-lam"],
+)
+def test_loss_of_the_wrong_signature_names_the_contract(loss_fn, why):
+  with pytest.raises(TypeError) as info:
+    jaxl2.verify_penalty(loss_fn, _PARAMS, LAM, M)
+  message = str(info.value)
+  assert message.startswith("`loss_fn` must be callable as `loss_fn(params, lam)`")
+  assert why in message and "lambda params, lam: my_loss(params, x, y, lam)" in message
 
 
 # ---- frozen leaves and decay that rounds away -----------------------------------------
