@@ -5,7 +5,10 @@ shown output is the first fenced block after it when that one is a ```text
 block (prose may come between). Every block that prints must show its
 output, and a shown output must be what the block prints, line for line
 (trailing whitespace and blank lines at either end aside; numbers as
-printed). A block that asks for simulated devices (it sets
+printed). Output of training runs differs in late digits from CPU to CPU (XLA
+orders its sums by the vector width it finds), so a ```text block whose info
+string says ``rtol=R`` compares its numbers to that relative tolerance plus one
+unit in the last digit shown (the words exactly). A block that asks for simulated devices (it sets
 ``--xla_force_host_platform_device_count`` before JAX starts) runs in the
 page's namespace on the devices of this process, and again alone in a fresh
 interpreter, where it gets them: its output is the fresh one's.
@@ -27,7 +30,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # A block that sets this flag prints what it prints on the devices it asks for.
 SIMULATED_DEVICES = "--xla_force_host_platform_device_count"
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", flags=re.S | re.M)
+# Groups: the language, an optional ``rtol=R`` after it, the block's text.
+FENCE = re.compile(r"^```(\w*)(?: rtol=([0-9.e-]+))?\n(.*?)^```$", flags=re.S | re.M)
+NUMBER = re.compile(r"[-+]?\d+(?:\.\d*)?(?:e[-+]?\d+)?")
 
 
 class Block(NamedTuple):
@@ -35,6 +40,7 @@ class Block(NamedTuple):
   code: str
   printed: str  # stdout while it ran
   shown: str | None  # the ```text block after it, if any
+  rtol: float  # for the numbers in ``shown``; 0: as printed
 
 
 def normalized(text: str) -> str:
@@ -54,13 +60,15 @@ def _run_alone(code: str) -> str:
 def run_blocks(path: pathlib.Path) -> list[Block]:
   """Runs the page's python blocks in order, in one namespace; each with what it printed."""
   text = path.read_text(encoding="utf-8")
-  fences = [(m[1], m[2], text.count("\n", 0, m.start()) + 1) for m in FENCE.finditer(text)]
+  fences = [
+    (m[1], m[3], text.count("\n", 0, m.start()) + 1, float(m[2] or 0)) for m in FENCE.finditer(text)
+  ]
   namespace: dict = {"__name__": f"page:{path.name}"}
   out = []
   # A block that asks for simulated devices sets XLA_FLAGS; keep it out of later subprocesses.
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("XLA_FLAGS", "")
-    for k, (lang, code, line) in enumerate(fences):
+    for k, (lang, code, line, _) in enumerate(fences):
       if lang != "python":
         continue
       stdout = io.StringIO()
@@ -72,8 +80,27 @@ def run_blocks(path: pathlib.Path) -> list[Block]:
         printed = _run_alone(code)
       after = fences[k + 1] if k + 1 < len(fences) else None
       shown = after[1] if after is not None and after[0] == "text" else None
-      out.append(Block(line, code, printed, shown))
+      out.append(Block(line, code, printed, shown, after[3] if shown is not None else 0.0))
   return out
+
+
+def same_text(printed: str, shown: str, rtol: float) -> bool:
+  """Whether ``printed`` is ``shown``: the words exactly, the numbers to ``rtol`` (0: exactly)
+  plus one unit in the last digit ``shown`` shows."""
+  printed, shown = normalized(printed), normalized(shown)
+  if NUMBER.split(printed) != NUMBER.split(shown):
+    return False
+  if rtol == 0:
+    return printed == shown
+  pairs = zip(NUMBER.findall(printed), NUMBER.findall(shown), strict=True)
+  return all(abs(float(a) - float(b)) <= rtol * abs(float(b)) + _last_digit(b) for a, b in pairs)
+
+
+def _last_digit(number: str) -> float:
+  """One unit in the last digit ``number`` shows (values near a rounding edge round either way)."""
+  mantissa, _, exponent = number.lower().partition("e")
+  decimals = len(mantissa.partition(".")[2])
+  return 10.0 ** (int(exponent or 0) - decimals)
 
 
 def missing_outputs(path: pathlib.Path, blocks: list[Block]) -> list[str]:
@@ -92,7 +119,7 @@ def mismatches(path: pathlib.Path, blocks: list[Block]) -> list[str]:
     f"{path.name} line {b.line}: the block prints\n{b.printed}\n"
     f"but the ```text block after it shows\n{b.shown}"
     for b in blocks
-    if b.shown is not None and normalized(b.printed) != normalized(b.shown)
+    if b.shown is not None and not same_text(b.printed, b.shown, b.rtol)
   ]
 
 
