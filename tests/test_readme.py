@@ -6,14 +6,43 @@ from __future__ import annotations
 
 import json
 
-from tests.markdown_blocks import ROOT, check_page
+import pytest
+
+from tests.markdown_blocks import ROOT, check_page, same_text
 
 README = ROOT / "README.md"
 
 
 def test_readme_runs_and_shows_what_it_prints(doc_outputs):
   blocks = check_page(README, compare=doc_outputs == "compare")
-  assert len(blocks) >= 10, "the README's python blocks were not found"
+  assert blocks, "the README's python blocks were not found"
+
+
+@pytest.mark.parametrize(
+  ("printed", "shown", "rtol", "same"),
+  [
+    ("λ=0.0692 loss 0.2099", "λ=0.0693 loss 0.2099", 0.01, True),
+    ("λ=0.0692 loss 0.2099", "λ=0.0693 loss 0.2099", 0.0, False),
+    ("λ=0.0750 loss 0.2099", "λ=0.0693 loss 0.2099", 0.01, False),
+    ("dV/dλ +0.004", "dV/dλ +0.005", 0.01, True),
+    ("dV/dλ +0.003", "dV/dλ +0.005", 0.01, False),
+    ("converged False", "converged True", 0.01, False),
+    ("dV/dλ -1.57e-01", "dV/dλ -1.58e-01", 0.01, True),
+    ("dV/dλ +1.57e-01", "dV/dλ -1.57e-01", 0.01, False),
+  ],
+)
+def test_rtol_compares_numbers_only(printed, shown, rtol, same):
+  # The rule of ```text rtol=R blocks (tests/markdown_blocks.py), for README and guides.
+  assert same_text(printed, shown, rtol) is same
+
+
+def test_readme_is_short_and_links_every_guide():
+  # The reference lives in the site (docs/); the README says what jaxl2 is and points there.
+  text = README.read_text(encoding="utf-8")
+  assert len(text.splitlines()) <= 250
+  guides = sorted(p.name for p in (ROOT / "docs" / "guides").glob("*.md"))
+  assert [g for g in guides if f"(docs/guides/{g})" not in text] == []
+  assert "python -m sphinx -W -b html docs" in text  # how to build the site locally
 
 
 def test_readme_first_lines_are_the_two_commands():
