@@ -3,12 +3,10 @@
 λ is part of the state (data, not a compile-time constant), so a new λ needs
 no recompilation and `jaxl2.sweep` can `jax.vmap` the same step over many λ.
 
-The step is a set of functions closed over the options given to
-`make_train_step` (optax style), validated there once: ``init`` builds the
-immutable `TrainState`, the compiled step maps a state to the next one. The
-step is jitted once, with the state donated; where the state lives is decided
-by ``init`` (see `jaxl2._placement`) and followed by `jax.jit`, so a call is a
-plain call of the jitted function.
+The step is functions closed over `make_train_step`'s options (optax style), validated
+there once: ``init`` builds the immutable `TrainState`; the step, jitted once with the
+state donated, maps it to the next. ``init`` places the state (`jaxl2._placement`) and
+`jax.jit` follows, so a call is a plain call of the jitted function.
 """
 
 from __future__ import annotations
@@ -334,9 +332,8 @@ def make_eval_step(
 
   Example:
     >>> import jax.numpy as jnp, optax, jaxl2
-    >>> def xent(logits, labels):  # integer class labels: a classification loss
-    ...   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    >>> evaluate = jaxl2.make_eval_step(lambda w, x: x @ w, xent)
+    >>> xent = lambda out, y: optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+    >>> evaluate = jaxl2.make_eval_step(lambda w, x: x @ w, xent)  # integer labels: a classifier
     >>> metrics = evaluate(jnp.eye(2), (jnp.eye(2), jnp.array([0, 1])))
     >>> {name: round(float(value), 4) for name, value in metrics.items()}
     {'accuracy': 1.0, 'loss': 0.3133}
