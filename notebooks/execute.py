@@ -43,6 +43,8 @@ def execute(nb: nbformat.NotebookNode, *, small: bool, timeout: int = 1200) -> N
 
   env = dict(os.environ)
   env.pop("JAXL2_NOTEBOOK_SMALL", None)
+  # Figures as PNG outputs, as in Jupyter and Colab, whatever backend the caller's shell sets.
+  env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
   if small:
     env["JAXL2_NOTEBOOK_SMALL"] = "1"
   with tempfile.TemporaryDirectory() as folder:
