@@ -18,7 +18,7 @@ from jaxl2._checks import check_count
 from jaxl2._curvature import GaussNewton
 from jaxl2._implicit import MAXITER, solve_cg, troubles, vdot, warn_troubles
 from jaxl2._lam_groups import state_lam
-from jaxl2._lam_setup import Numbers, Options, inside, prepare
+from jaxl2._lam_setup import Numbers, Options, check_hosts, check_model, inside, prepare
 from jaxl2._sketch import signs_like
 from jaxl2._train_state import TrainState
 from jaxl2._training import TrainStep
@@ -154,6 +154,8 @@ def effective_params(
     >>> round(result.value, 5), result.exact  # 2 · 3/(3 + 6/2)
     (1.0, True)
   """
+  check_model("effective_params", train, state)
+  check_hosts(state, {"train_data": train_data})
   options, numbers, tol = prepare(
     "effective_params", train, state, train_data, batch_size=batch_size, curvature=curvature,
     damping=damping, tol=tol, maxiter=maxiter, precondition=precondition, seed=seed,

@@ -19,7 +19,15 @@ from jaxl2._batches import check_batch_size, n_examples
 from jaxl2._curvature import GaussNewton, evaluation, gauss_newton_gap, value_and_grad
 from jaxl2._implicit import MAXITER, solve_cg, troubles, vdot, warn_troubles
 from jaxl2._lam_groups import group_values, is_grouped, state_lam
-from jaxl2._lam_setup import Numbers, Options, check_loss_fn, inside, prepare
+from jaxl2._lam_setup import (
+  Numbers,
+  Options,
+  check_hosts,
+  check_loss_fn,
+  check_model,
+  inside,
+  prepare,
+)
 from jaxl2._train_state import TrainState
 from jaxl2._training import TrainStep
 
@@ -246,6 +254,8 @@ def lam_hypergradient(
     >>> {k: round(v, 4) for k, v in hg2.value.items()}  # (3/64, −15/256): opposite ways
     {'w1': 0.0469, 'w2': -0.0586}
   """
+  check_model("lam_hypergradient", train, state)
+  check_hosts(state, {"train_data": train_data, "val_data": val_data})
   r, used = hypergradient(
     train, state, train_data, val_data, batch_size=batch_size, val_batch_size=val_batch_size,
     val_loss_fn=val_loss_fn, curvature=curvature, damping=damping, tol=tol, maxiter=maxiter,

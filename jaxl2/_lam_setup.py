@@ -28,9 +28,11 @@ from jaxl2._curvature import (
   evaluation,
 )
 from jaxl2._dtypes import accumulation_dtype
+from jaxl2._hosts import HOST_DATA_FIX, check_devices, check_same_everywhere, tree_spans_processes
 from jaxl2._implicit import leaf_multipliers, solve_tol
 from jaxl2._lam_groups import group_leaf_scales, lam_scales, state_lam
 from jaxl2._nystrom import nystrom
+from jaxl2._paths import path_str
 from jaxl2._setup import lam_over_m
 from jaxl2._train_state import TrainState
 from jaxl2._training import TrainStep
@@ -41,6 +43,7 @@ __all__ = [
   "Inside",
   "Numbers",
   "Options",
+  "check_hosts",
   "check_loss_fn",
   "check_model",
   "inside",
@@ -85,6 +88,24 @@ def check_model(name: str, train: Any, state: Any) -> None:
       f"`state` must be the jaxl2.TrainState of `train` at the trained params (from "
       f"`train.init(...)` and its steps); got {type(state).__name__}."
     )
+
+
+def check_hosts(state: TrainState, data: dict[str, Any]) -> None:
+  """The model and ``data`` ({argument: data}) can enter one program: the data's arrays placed
+  on the params' devices (or not placed), and, where anything spans several processes, host
+  data (NumPy, arrays on one process's devices) the same in every process. Call it in every
+  process.
+
+  Raises:
+    ValueError: naming the argument, the leaf and the fix.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
+  params = [(f"`state.params` leaf at '{path_str(p)}'", x) for p, x in leaves]
+  for name, tree in data.items():
+    paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+    check_devices(((path_str(p), x) for p, x in paths), name, like=params, fix=HOST_DATA_FIX)
+  if tree_spans_processes(state.params, state.model_state, data):
+    check_same_everywhere(data, HOST_DATA_FIX)
 
 
 DAMPING = 1e-2  # the default damping, relative to λ/m

@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
+from jaxl2._hosts import from_host
 from jaxl2._paths import path_str
 
 __all__ = ["ShardingSpec", "check_sharding_spec", "place", "place_like", "settle"]
@@ -93,18 +93,6 @@ def _mesh_of(tree: Any) -> Mesh | None:
   return None
 
 
-def _through_host(x: jax.Array, sharding: Sharding) -> jax.Array:
-  """``x`` placed on ``sharding`` through the host.
-
-  With several processes a global sharding is filled from a NumPy value that
-  every process holds, not from a local array.
-  """
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # a PRNG key: its raw bits
-    data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
-    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-  return jax.device_put(np.asarray(x), sharding)
-
-
 @jax.jit
 def _copied(tree: Any) -> Any:
   # Compiled, for two reasons. The copy: the state is donated to each step, and the caller's
@@ -129,7 +117,7 @@ def settle(state: Any, params: Any) -> Any:
     devices = set(mesh.devices.flat)
     state = jax.tree_util.tree_map(
       lambda x: (
-        _through_host(x, replicated)
+        from_host(x, replicated)
         if isinstance(x, jax.Array) and x.sharding.device_set != devices
         else x
       ),
@@ -142,5 +130,5 @@ def place_like(value: jax.Array, old: Any) -> jax.Array:
   """``value`` placed as the array ``old`` (replicated over a mesh, or left where it is)."""
   sharding = getattr(old, "sharding", None)
   if sharding is not None and len(sharding.device_set) > 1:
-    return _through_host(value, sharding)
+    return from_host(value, sharding)
   return value

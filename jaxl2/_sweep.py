@@ -16,10 +16,12 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxl2._checkpoint import check_checkpoint_dir
 from jaxl2._checks import check_count, check_lam, check_m
+from jaxl2._hosts import HOST_DATA_FIX, check_same_everywhere, placed_on, to_host
 from jaxl2._masks import MaskSpec
 from jaxl2._metrics import MetricsFn
 from jaxl2._sweep_models import fold_indices, grid, seed_states
@@ -166,8 +168,11 @@ def sweep(
     mask, m, steps, progress, mesh, batch_size, folds is not None, metrics_fn, starts.static
   )
   programs = program(train, settings)
+  inputs = (models, shared, train_data, val_data)
+  if mesh is not None:
+    inputs = _placed(mesh, *inputs)
   if directory is None:
-    params, out = programs.whole(models, shared, train_data, val_data)
+    params, out = programs.whole(*inputs)
   else:
     options = {
       "lams": lam_list, "seeds": list(seed_list), "steps": steps, "m": m,
@@ -177,10 +182,10 @@ def sweep(
     }  # fmt: skip
     facts = fingerprint(options, train_data=train_data, val_data=val_data, start=starts.params)
     params, out = run_resumable(
-      programs, models, shared, train_data, val_data, steps=steps, directory=directory,
+      programs, *inputs, steps=steps, directory=directory,
       every=None if checkpoint_every is None else int(checkpoint_every), facts=facts,
     )  # fmt: skip
-  params, out = jax.device_get((params, out))
+  params, out = to_host((params, out))  # gathered from every process, on several
   result_shape = shape if folds is not None else (shape[0], shape[2])  # (λ, [fold,] seed)
   return sweep_result(
     params, out, lams=lam_list, seeds=seed_list, m=m, folds=folds, shape=result_shape
@@ -240,6 +245,27 @@ def _n_examples(data: Any, name: str) -> int:
 def _model_mesh() -> Mesh | None:
   devices = jax.devices()
   return None if len(devices) == 1 else Mesh(np.asarray(devices), ("models",))
+
+
+def _placed(mesh: Mesh, models: Any, shared: Any, train_data: Any, val_data: Any) -> tuple:
+  """The program's inputs on ``mesh``: each device its share of the models, and everything
+  else on every device (data given as a global array is gathered: each device trains whole
+  models on all of it).
+
+  Raises:
+    ValueError: on several processes, data or initial models that differ between them.
+  """
+  check_same_everywhere(
+    {"train_data": train_data, "val_data": val_data, "init_fn": shared["states"]},
+    f"{HOST_DATA_FIX} `init_fn` must build the same model from the same key in every process.",
+  )
+  per_model, same = NamedSharding(mesh, P("models")), NamedSharding(mesh, P())
+  return (
+    placed_on(models, per_model),
+    placed_on(shared, same),
+    placed_on(train_data, same),
+    placed_on(val_data, same),
+  )
 
 
 def _check_checkpoints(directory: Any, every: Any) -> str | None:

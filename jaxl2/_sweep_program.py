@@ -184,11 +184,17 @@ def _batch(
 
 
 def _report(progress: Callable[[int, int], None], steps: int, done: jax.Array) -> None:
-  """``progress(done, steps)`` from inside the program, about 20 times and at the end."""
+  """``progress(done, steps)`` from inside the program, about 20 times and at the end, in
+  process 0 only."""
   every = max(1, steps // 20)
+
+  def report(d: Any) -> None:
+    if jax.process_index() == 0:  # one report per run, not one per host
+      progress(int(d), steps)
+
   jax.lax.cond(
     (done % every == 0) | (done == steps),
-    lambda: jax.debug.callback(lambda d: progress(int(d), steps), done),
+    lambda: jax.debug.callback(report, done),
     lambda: None,
   )
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxl2._checkpoint import Checkpointer
+from jaxl2._hosts import to_host
 from jaxl2._metrics import Metrics
 from jaxl2._sweep_program import Programs
 
@@ -134,7 +135,7 @@ def _sums(tree: Any) -> list[jax.Array]:
 def _values(tree: Any) -> str:
   """A digest of ``tree``'s values (sums rounded to 6 digits, so a resumed run on other
   hardware, whose reductions may round differently, still matches)."""
-  return _digest([[float(f"{v:.6g}") for v in np.asarray(s)] for s in _sums(tree)])
+  return _digest([[float(f"{v:.6g}") for v in s] for s in to_host(_sums(tree))])
 
 
 def fingerprint(options: dict[str, Any], **trees: Any) -> dict[str, Any]:

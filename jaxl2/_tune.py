@@ -23,7 +23,7 @@ from jaxl2._checks import check_count
 from jaxl2._curvature import GaussNewton
 from jaxl2._implicit import MAXITER
 from jaxl2._lam_groups import lam_text, state_lam
-from jaxl2._lam_setup import check_model
+from jaxl2._lam_setup import check_hosts, check_model
 from jaxl2._train_state import TrainState
 from jaxl2._training import TrainStep
 from jaxl2._tune_groups import (
@@ -241,6 +241,7 @@ def tune_lam(
     (['a', 'b'], True)
   """
   check_model("tune_lam", train, state)
+  check_hosts(state, {"train_data": train_data, "val_data": val_data})
   lam0 = state_lam(train, state) if lam0 is None else lam0
   retrain_steps = train_steps if retrain_steps is None else retrain_steps
   counts = {"train_steps": train_steps, "retrain_steps": retrain_steps, "max_iter": max_iter}

@@ -85,7 +85,9 @@ def probe_point(
       placed on different devices.
   """
   selection = resolve(params, mask)
-  check_devices(((leaf.path, leaf.value) for leaf in selection.leaves), "params")
+  # Only floating leaves enter the checks' programs.
+  floating = [(leaf.path, leaf.value) for leaf in selection.leaves if is_inexact(leaf.value)]
+  check_devices(floating, "params")
   params, selection, loss_fn = _nnx_param_state(params, selection, loss_fn)
   tree, floats = _floating_leaves(params)
   multipliers = [selection.multipliers[i] for i in tree.index]
