@@ -92,12 +92,20 @@ def _wait(procs: list[subprocess.Popen], timeout_s: float) -> str:
         p.wait()
 
 
-def run(target: str, *, processes: int, devices: int, timeout_s: float = 600.0) -> list[Any]:
+def run(
+  target: str,
+  *,
+  processes: int,
+  devices: int,
+  timeout_s: float = 600.0,
+  env: dict[str, str] | None = None,
+) -> list[Any]:
   """Runs ``module:function`` in ``processes`` processes of ``devices`` CPU devices each.
 
   With ``processes > 1`` they are joined by `jax.distributed.initialize`
   (so `jax.devices()` lists all ``processes·devices`` devices); with 1, JAX
-  runs undistributed. Each process calls the function with no arguments.
+  runs undistributed. Each process calls the function with no arguments, in
+  this environment plus ``env`` (a shared directory, say).
 
   Returns:
     The JSON value the function returned in each process, in process order.
@@ -119,7 +127,7 @@ def run(target: str, *, processes: int, devices: int, timeout_s: float = 600.0) 
           subprocess.Popen(
             [*cmd, str(port), str(results[i])],
             cwd=ROOT,
-            env=cpu_devices_env(devices),
+            env=cpu_devices_env(devices) | (env or {}),
             stdout=out,
             stderr=err,
           )

@@ -11,6 +11,7 @@ that it equals the one-process run to the tolerance stated with each check.
 
 from __future__ import annotations
 
+import pathlib
 import re
 import time
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests import multiprocess, multiprocess_cases
+from tests import multiprocess, multiprocess_cases, multiprocess_tuning
 
 # float32 sums over 8 devices whose partial sums are combined by the CPU collectives across
 # processes, in another order than within one process: a few ulps, 1e-6 relative; 1e-7
@@ -26,11 +27,14 @@ from tests import multiprocess, multiprocess_cases
 RTOL, ATOL = 1e-6, 1e-7
 
 
-def _runs(group: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """The group's results on process 0 of 2 × 4 devices, and on 1 process × 8 devices."""
-  target = f"tests.multiprocess_cases:{group}"
-  two = multiprocess.run(target, processes=2, devices=4)
-  (one,) = multiprocess.run(target, processes=1, devices=8)
+def _runs(group: str, tmp: pathlib.Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The group's results on process 0 of 2 × 4 devices, and on 1 process × 8 devices; groups
+  of `tests.multiprocess_tuning` (given ``tmp``) write checkpoints to a folder per run."""
+  module = "multiprocess_cases" if tmp is None else "multiprocess_tuning"
+  target = f"tests.{module}:{group}"
+  env = lambda name: None if tmp is None else {"JAXL2_MP_DIR": str(tmp / name)}  # noqa: E731
+  two = multiprocess.run(target, processes=2, devices=4, env=env("two"))
+  (one,) = multiprocess.run(target, processes=1, devices=8, env=env("one"))
   for case, result in two[0].items():  # one program: every process gets the same result
     other = two[1][case]
     if isinstance(result, dict) and "error" in result:  # but its own device ids
@@ -179,3 +183,97 @@ def test_a_failing_process_ends_its_peers_instead_of_hanging():
       "tests.multiprocess_cases:fails_on_process_1", processes=2, devices=1, timeout_s=60
     )
   assert time.perf_counter() - start < 60
+
+
+# ---- sweep and the λ tools (tests/multiprocess_tuning.py) --------------------------------
+
+_DIFFERS = (
+  r"ValueError: `train_data` differs between processes: its leaf at '0' in process 1 and in "
+  r"process 0 differ\. .* Pass the same NumPy data in every process, or the data as one global "
+  r"array over the model's mesh, each process giving its own rows: "
+  r"`jax\.make_array_from_process_local_data\("
+)
+
+
+def test_sweep_on_two_processes_equals_one_process(tmp_path):
+  # sweep on NumPy data (with a progress callback), on global data, the general form with
+  # folds, checkpointed (last checkpoint removed: resumed; rerun: finished) and on the default
+  # save schedule. Each model is trained whole on one device by the same per-device program
+  # on either layout; across processes only gathers move numbers: equal to the bit.
+  two, one = _runs("sweeps", tmp_path)
+  assert set(two) == set(one) and len(one) == 6
+  for case in (c for c in one if not c.startswith("error")):
+    assert "error" not in two[case] and "error" not in one[case], (case, two[case], one[case])
+    without = lambda r: {k: v for k, v in r.items() if k != "progress"}  # noqa: E731
+    _assert_close(without(two[case]), without(one[case]), case, rtol=0, atol=0)
+  for run in (two, one):
+    assert run["sweep checkpoints resumed"]["resumed equal"]
+    assert run["sweep checkpoints resumed"]["finished equal"]
+  # Progress is printed once: every step (16 < 20 reports) in process 0, nothing in process 1.
+  steps = list(range(1, multiprocess_tuning.STEPS + 1))
+  assert two["sweep numpy data"]["progress"] == {"calls per process": [[16], [0]], "values": steps}
+  assert one["sweep numpy data"]["progress"] == {"calls per process": [[16]], "values": steps}
+  # Data that differ between processes (each its own rows as NumPy): a clear error.
+  assert re.match(_DIFFERS, two["error sweep data differs between processes"].get("error", ""))
+  assert "error" not in one["error sweep data differs between processes"]
+
+
+def test_sweep_killed_on_one_process_resumes_on_two_processes(tmp_path):
+  # Process 0 SIGKILLs itself at step 6, mid-chunk, once step 4 is saved; its peer, left in a
+  # collective, is ended. The rerun on 2 processes resumes from step 4 and ends bit for bit
+  # where the same sweep run uninterrupted ends.
+  env = {"JAXL2_MP_DIR": str(tmp_path)}
+  with pytest.raises(multiprocess.MultiprocessError, match=r"process 0 \(exit code -9\)"):
+    multiprocess.run("tests.multiprocess_tuning:sweep_killed", processes=2, devices=4, env=env)
+  first, second = multiprocess.run(
+    "tests.multiprocess_tuning:sweep_after_kill", processes=2, devices=4, env=env
+  )
+  assert first == second
+  assert first["found"] == 4
+  assert first["resumed"] == first["uninterrupted"]
+
+
+# The λ tools solve with conjugate gradients (38 iterations here), which carry float32
+# differences in the order of reductions (~1e-7) a little further: 1.1e-5 relative seen
+# (Hutchinson's standard error), so 5e-5; the solves' residuals, ~5e-6 and noise by nature
+# (bounded by the stopping tolerance), to 1e-5 absolute.
+LAM_RTOL, LAM_ATOL, RESIDUAL_ATOL = 5e-5, 1e-6, 1e-5
+
+
+def _residuals(tree: Any) -> tuple[Any, list[float]]:
+  """``tree`` without its "residual" entries, and those entries."""
+  found: list[float] = []
+
+  def strip(x: Any) -> Any:
+    if isinstance(x, dict):
+      found.extend(x[k] for k in x if k == "residual")
+      return {k: strip(v) for k, v in x.items() if k != "residual"}
+    return [strip(v) for v in x] if isinstance(x, list) else x
+
+  return strip(tree), found
+
+
+def test_lam_tools_on_two_processes_equal_one_process(tmp_path):
+  # lam_hypergradient on replicated and FSDP params, global and NumPy data; effective_params
+  # exact (FSDP, NumPy data) and Hutchinson's estimate with a Nyström preconditioner
+  # (replicated, global data); tune_lam with checkpoints, called again: restored, not retrained.
+  two, one = _runs("lam_tools", tmp_path)
+  assert set(two) == set(one) and len(one) == 8
+  for case in (c for c in one if not c.startswith("error")):
+    assert "error" not in two[case] and "error" not in one[case], (case, two[case], one[case])
+    (a, ra), (b, rb) = _residuals(two[case]), _residuals(one[case])
+    _assert_close(a, b, case, rtol=LAM_RTOL, atol=LAM_ATOL)
+    np.testing.assert_allclose(ra, rb, rtol=0, atol=RESIDUAL_ATOL, err_msg=case)
+  for run in (two, one):
+    assert run["tune_lam replicated, checkpoints restored"]["restored equal"]
+  # Data that differ between processes; data on one process's device: clear errors.
+  case = "error lam_hypergradient data differ between processes"
+  assert re.match(_DIFFERS, two[case].get("error", "")), two[case]
+  assert "error" not in one[case]
+  on_one_device = (
+    r"ValueError: `train_data` leaf at '0' is placed on devices \[0\], but `state\.params` leaf "
+    r"at 'b1' is on devices \[.*\]: one compiled program cannot take both\. Pass the same NumPy "
+    r"data in every process"
+  )
+  for run in (two, one):
+    assert re.match(on_one_device, run["error effective_params data on one device"]["error"])
