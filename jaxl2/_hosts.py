@@ -33,6 +33,7 @@ __all__ = [
   "from_host",
   "placed_like",
   "placed_on",
+  "raise_together",
   "spans_processes",
   "to_host",
   "tree_spans_processes",
@@ -210,6 +211,29 @@ def check_same_everywhere(named: dict[str, Any], fix: str) -> None:
     "differ. A NumPy array, or an array on one process's devices, enters a program over "
     f"several processes as one value that every process holds alike. {fix}"
   )
+
+
+def raise_together(error: ValueError | None) -> None:
+  """Raises ``error``, and on several processes raises in every process when any has one.
+
+  A check that fails in some processes only (data pinned to a device in one of
+  them) must not leave the others waiting in the next collective for peers that
+  have stopped: all raise, those that passed naming the first process that did
+  not. Call it in every process, where the program spans processes.
+
+  Raises:
+    ValueError: ``error``, or the refusal of another process.
+  """
+  if jax.process_count() > 1:
+    flags = multihost_utils.process_allgather(np.array([error is not None], np.int32))
+    failed = np.flatnonzero(np.asarray(flags).reshape(-1))
+    if error is None and failed.size:
+      raise ValueError(
+        f"process {int(failed[0])} refused its arguments (its error says which and how to fix "
+        "it); every process stops with it rather than wait for it."
+      )
+  if error is not None:
+    raise error
 
 
 def to_host(tree: Any) -> Any:

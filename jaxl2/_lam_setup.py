@@ -28,7 +28,13 @@ from jaxl2._curvature import (
   evaluation,
 )
 from jaxl2._dtypes import accumulation_dtype
-from jaxl2._hosts import HOST_DATA_FIX, check_devices, check_same_everywhere, tree_spans_processes
+from jaxl2._hosts import (
+  HOST_DATA_FIX,
+  check_devices,
+  check_same_everywhere,
+  raise_together,
+  tree_spans_processes,
+)
 from jaxl2._implicit import leaf_multipliers, solve_tol
 from jaxl2._lam_groups import group_leaf_scales, lam_scales, state_lam
 from jaxl2._nystrom import nystrom
@@ -101,11 +107,19 @@ def check_hosts(state: TrainState, data: dict[str, Any]) -> None:
   """
   leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
   params = [(f"`state.params` leaf at '{path_str(p)}'", x) for p, x in leaves]
-  for name, tree in data.items():
-    paths = jax.tree_util.tree_flatten_with_path(tree)[0]
-    check_devices(((path_str(p), x) for p, x in paths), name, like=params, fix=HOST_DATA_FIX)
-  if tree_spans_processes(state.params, state.model_state, data):
-    check_same_everywhere(data, HOST_DATA_FIX)
+  error = None
+  try:
+    for name, tree in data.items():
+      paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+      check_devices(((path_str(p), x) for p, x in paths), name, like=params, fix=HOST_DATA_FIX)
+  except ValueError as err:
+    error = err
+  if not tree_spans_processes(state.params, state.model_state):
+    if error is not None:
+      raise error
+    return
+  raise_together(error)  # a process that refused must not leave the others waiting
+  check_same_everywhere(data, HOST_DATA_FIX)
 
 
 DAMPING = 1e-2  # the default damping, relative to λ/m

@@ -267,6 +267,10 @@ def _lam_errors() -> dict[str, Any]:
     "error effective_params data on one device": lambda: _listed(
       jaxl2.effective_params(train, state, (local, y))
     ),
+    # Only the last process pins its data: the others must stop too, not wait for it.
+    "error effective_params data on one device in one process": lambda: _listed(
+      jaxl2.effective_params(train, state, (local if jax.process_index() == 1 else x, y))
+    ),
   }
 
 
