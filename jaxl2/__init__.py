@@ -3,11 +3,12 @@
 J(W) = loss + (λ / 2m) · Σ_j ‖W_j‖²,   ∂/∂W_j = (λ / m) · W_j
 """
 
-from jaxl2._curvature import GaussNewton
-from jaxl2._datasets import Digits, load_digits
-from jaxl2._describe import Description, LeafRow, describe
-from jaxl2._effective_params import EffectiveParams, effective_params
-from jaxl2._family import (
+from jaxl2.demo._datasets import Digits, load_digits
+from jaxl2.implicit._curvature import GaussNewton
+from jaxl2.implicit._effective_params import EffectiveParams, effective_params
+from jaxl2.implicit._hypergradient import Hypergradient, lam_hypergradient
+from jaxl2.masks._mask_builders import all_floating, by_name, by_ndim, by_regex, by_role
+from jaxl2.penalties._family import (
   elastic_net_penalty,
   elastic_net_penalty_grad,
   l1_penalty,
@@ -15,13 +16,12 @@ from jaxl2._family import (
   l2_sp_penalty,
   l2_sp_penalty_grad,
 )
-from jaxl2._hypergradient import Hypergradient, lam_hypergradient
-from jaxl2._mask_builders import all_floating, by_name, by_ndim, by_regex, by_role
-from jaxl2._metrics import accuracy
-from jaxl2._penalties import l2_penalty, l2_penalty_grad, regularized, weight_sq_norm
-from jaxl2._sweep import SweepResult, sweep
-from jaxl2._training import TrainState, TrainStep, make_eval_step, make_train_step
-from jaxl2._transforms import (
+from jaxl2.penalties._penalties import l2_penalty, l2_penalty_grad, regularized, weight_sq_norm
+from jaxl2.reports._describe import Description, LeafRow, describe
+from jaxl2.sweeps._sweep import SweepResult, sweep
+from jaxl2.training._metrics import accuracy
+from jaxl2.training._training import TrainState, TrainStep, make_eval_step, make_train_step
+from jaxl2.transforms._transforms import (
   AddL2GradState,
   L2SPGradState,
   add_l2_grad,
@@ -31,9 +31,9 @@ from jaxl2._transforms import (
   to_sklearn_C,
   to_weight_decay,
 )
-from jaxl2._tune import TuneResult, TuneStep, tune_lam
-from jaxl2._verify import verify_penalty, verify_update
-from jaxl2._verify_report import VerifyReport, VerifyRow
+from jaxl2.tuning._tune import TuneResult, TuneStep, tune_lam
+from jaxl2.verify._verify import verify_penalty, verify_update
+from jaxl2.verify._verify_report import VerifyReport, VerifyRow
 
 __version__ = "0.1.0"
 

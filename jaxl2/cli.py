@@ -9,8 +9,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jaxl2._checks import check_lam
-from jaxl2._datasets import check_train_size
+from jaxl2.core._checks import check_lam
+from jaxl2.demo._datasets import check_train_size
 
 __all__ = ["main"]
 
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   _check_out(demo_parser, args.out)
   _use_every_cpu_core()
-  from jaxl2._demo import DEFAULT_LAMBDAS, run_demo
+  from jaxl2.demo._demo import DEFAULT_LAMBDAS, run_demo
 
   run_demo(
     lambdas=args.lambdas if args.lambdas is not None else DEFAULT_LAMBDAS,

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxl2
-from tests import test_training_models as models
+from tests.training import test_training_models as models
 
 LAM, M, BEFORE, AFTER = 0.5, 640.0, 3, 5
 BATCH = models.BATCH

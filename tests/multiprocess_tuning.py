@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxl2
-from jaxl2 import _sweep_resume
+from jaxl2.sweeps import _sweep_resume
 from tests import sweep_faults
 from tests.multiprocess_cases import BATCH, global_batch, host, mesh, run_cases
 

@@ -252,7 +252,8 @@ def test_many_small_leaves_are_not_gathered_either(mode):
 # ---- many leaves: the one-device plan, made per layout -------------------------------
 
 _REDUCE = re.compile(r"(?<![\w-])reduce\(")  # reduce ops; not reduce-window, not all-reduce
-GROUP = 32  # leaves per group reduction from 256 of one shape on (jaxl2/_reduce.py, bench/NOTES.md)
+# leaves per group reduction from 256 of one shape on (jaxl2/penalties/_reduce.py, bench/NOTES.md)
+GROUP = 32
 N_MANY, N_RARE = 1000, 40
 
 
@@ -419,7 +420,7 @@ def test_gradient_keeps_shardings_and_needs_no_communication(name, layout, mode)
       np.testing.assert_allclose(helpers.as_f64(g), expected, rtol=rtol, atol=0)
 
 
-# jaxl2's grad_tree (jaxl2/_setup.py) builds an unselected leaf's zero gradient as
+# jaxl2's grad_tree (jaxl2/penalties/_setup.py) builds an unselected leaf's zero gradient as
 #   jnp.where(jnp.zeros_like(value, dtype=bool), value, jnp.zeros((), value.dtype)),
 # which keeps the leaf's layout and compiles to a local broadcast of 0 (value is not
 # read). A plain jnp.zeros_like(value) is a constant with no layout: under jit, with

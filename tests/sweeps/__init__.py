@@ -1,0 +1,1 @@
+"""Tests of `jaxl2.sweeps` (jaxl2/sweeps/), one file per module or concept."""

@@ -1,0 +1,1 @@
+"""Tests of `jaxl2.training` (jaxl2/training/), one file per module or concept."""
