@@ -405,7 +405,7 @@ def test_gradient_keeps_shardings_and_needs_no_communication(name, layout, mode)
     # jaxl2's analytic gradients put zeros on unselected leaves, in the leaf's layout.
     # (jax.grad's zeros there are JAX's own, as the penalty never reads those leaves:
     # on Auto axes JAX returns them replicated, jit or eager; so they are not checked,
-    # as README "Scaling out" says.) Auto axes under jit: the test below.
+    # as the sharding guide says.) Auto axes under jit: the test below.
     for k in UNSELECTED:
       assert _same_layout(eager[k], shardings[k]), (k, eager[k].sharding, shardings[k])
       if mode == "Explicit":
@@ -692,27 +692,21 @@ def test_bad_shardings_name_the_argument_and_the_leaf():
     train(state, (x[:60], y[:60]))  # 60 rows over 8 devices
 
 
-# ---- the README's "Scaling out" example ----------------------------------------------
+# ---- the sharding guide's opening example ---------------------------------------------
 
 
 def _scaling_example() -> str:
-  """The python blocks of README.md's "Scaling out" section (or its draft, before merging)."""
-  readme = (ROOT / "README.md").read_text(encoding="utf-8")
-  match = re.search(r"^## Scaling out\n(.*?)(?=^## |\Z)", readme, flags=re.S | re.M)
-  if match is None:
-    draft = ROOT / ".helper_out" / "readme_scaling.md"
-    assert draft.exists(), "README.md has no '## Scaling out' section"
-    section = draft.read_text(encoding="utf-8")
-  else:
-    section = match.group(1)
-  blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-  assert blocks, "the 'Scaling out' section has no python block"
+  """The python blocks of docs/guides/sharding.md before its first ``##`` section."""
+  guide = (ROOT / "docs" / "guides" / "sharding.md").read_text(encoding="utf-8")
+  opening = re.split(r"^## ", guide, maxsplit=1, flags=re.M)[0]
+  blocks = re.findall(r"```python\n(.*?)```", opening, flags=re.S)
+  assert blocks, "the sharding guide opens with no python block"
   return "\n".join(blocks)
 
 
-def test_readme_scaling_example_runs_as_written(capsys):
+def test_sharding_guide_example_runs_as_written(capsys):
   namespace: dict = {}
-  exec(compile(_scaling_example(), "README.md#scaling-out", "exec"), namespace)
+  exec(compile(_scaling_example(), "docs/guides/sharding.md", "exec"), namespace)
   printed = capsys.readouterr().out.split()
   assert printed[0] == "P('data',", "w1 stays sharded"
   assert printed[-2:] == ["False", "True"], "no all-gather; the gradient keeps the layout"
