@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxl2.core._checks import check_count
 from jaxl2.implicit._curvature import GaussNewton
@@ -35,6 +37,20 @@ class EffectiveParams(NamedTuple):
   probes: int
   exact: bool
   curvature: str = "hessian"
+
+
+def _replicated(model: Any) -> Any:
+  """``model``'s leaves sharded over a mesh, replicated on it: the exact trace builds the
+  dense curvature of a small model (< ``exact_below`` params), where a copy per device is
+  free, and jax before 0.10 fails to partition its columns over a sharded leaf."""
+
+  def replicate(x: Any) -> Any:
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and not sharding.is_fully_replicated:
+      return jax.device_put(x, NamedSharding(sharding.mesh, P()))
+    return x
+
+  return jax.tree_util.tree_map(replicate, model)
 
 
 @functools.partial(jax.jit, static_argnames=("options",))
@@ -164,7 +180,7 @@ def effective_params(
   model = (state.params, state.model_state, state.static)
   size = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
   if size < exact_below:
-    value = float(_exact(options, model, train_data, numbers))
+    value = float(_exact(options, _replicated(model), train_data, numbers))
     return EffectiveParams(value=value, stderr=0.0, probes=0, exact=True, curvature=name)
   check_count(probes, "probes", least=2, why=" (a standard error needs two)")
   out = jax.device_get(_hutchinson(options, probes, model, train_data, numbers))
